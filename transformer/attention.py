@@ -1,0 +1,124 @@
+"""Multi-head attention: the seed's six steps, paper section 3.2.
+
+``MultiHeadAttention`` maps ``query (B, Tq, d)``, ``key``/``value (B, Tk, d)`` to
+``(B, Tq, d)``. Two paths compute the same function:
+
+* the fast path hands steps 2-6 to ``F.scaled_dot_product_attention`` (fused flash /
+  memory-efficient kernels on GPU);
+* the explicit path spells every step out and can return the attention weights
+  ``(B, h, Tq, Tk)``, for heat maps and for teaching.
+
+Masks are boolean and **True where attention is allowed**, broadcastable to
+``(B, h, Tq, Tk)`` (the same convention as ``scaled_dot_product_attention``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(
+                f"d_model={d_model} must be divisible by n_heads={n_heads} "
+                "(each head works in d_model/n_heads dimensions)"
+            )
+        check_dropout("dropout", dropout)
+        self.d_model, self.n_heads, self.d_k = d_model, n_heads, d_model // n_heads
+        self.dropout = dropout
+        # The h per-head projections of size d_k, stored side by side in one matrix each.
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)  # W_O
+        # When True, forward takes the explicit path and keeps the weights in
+        # ``last_weights`` (see ``transformer.model.attention_maps``).
+        self.keep_weights = False
+        self.last_weights: Tensor | None = None
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_heads, self.d_k).transpose(1, 2)  # (B, h, T, d_k)
+
+    def project_kv(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """Step 1 for keys and values: (B, Tk, d) -> two (B, h, Tk, d_k)."""
+        return self.split_heads(self.k_proj(key)), self.split_heads(self.v_proj(value))
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        mask: Tensor | None = None,
+        need_weights: bool = False,
+        is_causal: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        k, v = self.project_kv(key, value)
+        return self.attend(query, k, v, mask, need_weights, is_causal)
+
+    def attend(
+        self,
+        query: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Tensor | None = None,
+        need_weights: bool = False,
+        is_causal: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Attend with already projected keys/values ``(B, h, Tk, d_k)`` (the decoder's cache
+        passes its stored ones). ``is_causal``: the Tq queries are the last Tq of the Tk
+        positions, and none may see a later one."""
+        q = self.split_heads(self.q_proj(query))  # (B, h, Tq, d_k)
+        if is_causal:
+            causal = causal_mask(q.size(2), k.size(2), q.device)
+            mask = causal if mask is None else mask & causal
+        dropout_p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights or self.keep_weights:
+            out, weights = explicit_attention(q, k, v, mask, dropout_p)
+            if self.keep_weights:
+                self.last_weights = weights.detach()
+        else:
+            # Steps 2-6 in one fused kernel; a lone square causal mask goes in as a flag so
+            # that the flash kernel can be used (the flag means top-left alignment).
+            only_causal = is_causal and mask is causal and q.size(2) == k.size(2)
+            out = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=None if only_causal else mask,
+                dropout_p=dropout_p,
+                is_causal=only_causal,
+            )
+        B, _, Tq, _ = out.shape
+        # Concatenate the heads, then W_O.
+        out = self.out_proj(out.transpose(1, 2).reshape(B, Tq, self.d_model))  # (B, Tq, d)
+        return (out, weights) if need_weights else out
+
+
+def explicit_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout_p: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """The seed's steps 2-6, one line each. q (B,h,Tq,d_k), k/v (B,h,Tk,d_k)."""
+    scores = q @ k.transpose(-2, -1)  # step 2: q . k for every pair, (B, h, Tq, Tk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))  # step 3: optional mask
+    scores = scores / math.sqrt(q.size(-1))  # step 4: scale by 1/sqrt(d_k), section 3.2.1
+    weights = scores.softmax(dim=-1)  # step 5: a distribution over the keys of each query
+    attended = F.dropout(weights, p=dropout_p) @ v  # step 6: weighted sum of the values
+    return attended, weights
+
+
+def causal_mask(n_queries: int, n_keys: int, device: torch.device | None = None) -> Tensor:
+    """(Tq, Tk) bool, True where query i (at position Tk - Tq + i) may see key j: no
+    position sees its future."""
+    return torch.ones(n_queries, n_keys, dtype=torch.bool, device=device).tril(n_keys - n_queries)
+
+
+def check_dropout(name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name}={value} must be in [0, 1)")

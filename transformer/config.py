@@ -1,0 +1,207 @@
+"""Typed configuration: one dataclass per concern, registered in Hydra's ConfigStore.
+
+``configs/train.yaml`` starts from the ``train_schema`` node stored here, so every YAML
+file and every command-line override is checked against these types: an unknown key or
+a wrong type fails at start-up with the key's name. ``validate`` then checks the
+combinations no type can express (d_model divisible by n_heads, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+# OmegaConf reads these annotations at run time: keep ``Optional[...]`` and ``list[...]``
+# forms it understands (no ``X | None`` in dataclass fields).
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 512
+    n_heads: int = 8
+    n_encoder_layers: int = 6
+    n_decoder_layers: int = 6
+    n_layers: Optional[int] = None  # when set, overrides both stacks (handy in sweeps)
+    d_ff: int = 2048
+    dropout: float = 0.1  # residual and embedding dropout, section 5.4
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    norm_first: bool = False  # False: the paper's post-norm
+    share_embeddings: str = "none"  # none | decoder | all
+    activation: str = "relu"  # relu | gelu | silu
+    positional: str = "sinusoidal"  # sinusoidal | learned
+    max_len: int = 1024
+    pad_id: int = 0
+
+
+@dataclass
+class DataConfig:
+    source: str = "multi30k"  # multi30k | parallel_files | hub
+    root: Optional[str] = None  # multi30k / parallel_files directory
+    src_lang: str = "en"
+    tgt_lang: str = "de"
+    train_split: str = "train"
+    valid_split: str = "val"
+    test_splits: list[str] = field(default_factory=lambda: ["test_2016_flickr",
+                                                            "test_2017_flickr"])
+    # parallel_files: "{split}" and "{lang}" are filled in; plain or .gz files.
+    file_pattern: str = "{split}.{lang}"
+    # hub: a Hugging Face dataset with a ``translation`` column.
+    hub_name: Optional[str] = None
+    hub_config: Optional[str] = None
+    streaming: bool = False
+    # tokenizer
+    vocab_size: int = 8000
+    joint_vocab: bool = True
+    lowercase: bool = False
+    # filtering and batching
+    max_len: int = 256  # tokens per side, longer training pairs are dropped
+    allow_long_eval: bool = False  # keep (truncate) over-long val/test pairs instead of failing
+    max_tokens: int = 4096  # padded source or target tokens per batch (fairseq --max-tokens)
+    max_sentences: Optional[int] = None
+    cache_dir: str = ".cache/data"
+    download: bool = True  # download Multi30k when root is missing and the machine is online
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-9
+    weight_decay: float = 0.0
+    fused: Optional[bool] = None  # None: fused on CUDA
+
+
+@dataclass
+class SchedConfig:
+    name: str = "inverse_sqrt"  # inverse_sqrt (section 5.3) | cosine | constant
+    warmup_steps: int = 4000
+    min_lr: float = 0.0  # cosine floor
+
+
+@dataclass
+class TrainerConfig:
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32; auto = bf16 on GPU, fp32 on CPU
+    max_steps: int = 100_000
+    max_epochs: Optional[int] = None
+    val_every_steps: Optional[int] = 1000  # None: validate at each epoch end
+    save_every_steps: int = 1000
+    keep_last: int = 5
+    seed: int = 1
+    resume: str = "never"  # auto | never | <path to a checkpoint>
+    compile: bool = False
+    grad_accum: int = 1
+    clip_norm: Optional[float] = 1.0
+    patience: Optional[int] = None  # validations without improvement before stopping
+    log_every_steps: int = 50
+    label_smoothing: float = 0.1
+    best_metric: str = "bleu"  # bleu | loss
+    val_max_sentences: Optional[int] = None  # decode only this many val sentences for BLEU
+    val_beam: int = 1  # 1: greedy translations for val/bleu
+    max_skipped_steps: int = 10  # consecutive non-finite steps before giving up
+    overfit_batches: int = 0  # >0: train on only this many batches (debug=overfit)
+
+
+@dataclass
+class LoggerConfig:
+    tensorboard: bool = True
+    n_examples: int = 3  # source / reference / hypothesis triples at each validation
+    attention_maps: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    experiment: Optional[str] = None  # name of the experiment delta, for the record
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = MISSING
+    splits: list[str] = field(default_factory=lambda: ["test_2016_flickr", "test_2017_flickr"])
+    mode: str = "splits"  # splits | files | interactive
+    src_file: Optional[str] = None
+    ref_file: Optional[str] = None
+    beam: int = 5
+    lenpen: float = 0.6
+    max_len_a: float = 1.2
+    max_len_b: int = 10
+    min_len: int = 1
+    batch_tokens: int = 8192
+    device: str = "auto"
+    precision: str = "auto"
+    data_root: Optional[str] = None  # overrides the checkpoint's data.root
+    output_dir: str = "."
+    lowercase_bleu: bool = True  # also print lowercased sacreBLEU
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key."""
+
+
+CHOICES = {
+    "model.share_embeddings": ("none", "decoder", "all"),
+    "model.activation": ("relu", "gelu", "silu"),
+    "model.positional": ("sinusoidal", "learned"),
+    "data.source": ("multi30k", "parallel_files", "hub"),
+    "optim.name": ("adamw", "adam"),
+    "sched.name": ("inverse_sqrt", "cosine", "constant"),
+    "trainer.device": ("auto", "cpu", "cuda"),
+    "trainer.precision": ("auto", "bf16", "fp16", "fp32"),
+    "trainer.best_metric": ("bleu", "loss"),
+}
+
+
+def lookup(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: Any) -> None:
+    """Check the combinations of a train config; raise ConfigError naming the key."""
+    for key, allowed in CHOICES.items():
+        if lookup(cfg, key) not in allowed:
+            raise ConfigError(f"{key}={lookup(cfg, key)!r} is not one of {list(allowed)}")
+    model = cfg.model
+    if model.d_model % model.n_heads != 0:
+        raise ConfigError(f"model.d_model={model.d_model} is not divisible by "
+                          f"model.n_heads={model.n_heads}")
+    positive = ["model.d_model", "model.n_heads", "model.d_ff", "model.max_len",
+                "data.vocab_size", "data.max_len", "data.max_tokens", "trainer.grad_accum",
+                "trainer.keep_last", "trainer.log_every_steps", "trainer.save_every_steps",
+                "trainer.val_beam"]
+    for key in positive:
+        if lookup(cfg, key) <= 0:
+            raise ConfigError(f"{key}={lookup(cfg, key)} must be positive")
+    for key in ("model.dropout", "model.attention_dropout", "model.activation_dropout",
+                "trainer.label_smoothing"):
+        if not 0.0 <= lookup(cfg, key) < 1.0:
+            raise ConfigError(f"{key}={lookup(cfg, key)} must be in [0, 1)")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr={cfg.optim.lr} must be positive")
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas={list(cfg.optim.betas)} must be two values in [0, 1)")
+    if cfg.model.share_embeddings == "all" and not cfg.data.joint_vocab:
+        raise ConfigError("model.share_embeddings=all needs data.joint_vocab=true "
+                          "(one vocabulary for both sides)")
+    if cfg.data.max_len + 2 > cfg.model.max_len:
+        raise ConfigError(f"data.max_len={cfg.data.max_len} (+2 for <s> and </s>) exceeds "
+                          f"model.max_len={cfg.model.max_len}")
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="eval_schema", node=EvalConfig)

@@ -1,0 +1,232 @@
+"""The encoder-decoder Transformer, paper section 3 and figure 1.
+
+``Transformer.forward(src_tokens (B, S), tgt_tokens (B, T)) -> logits (B, T, V_tgt)``.
+
+The seed's loop maps onto three calls: ``encode`` runs the encoder ONCE over the source
+(step 1); ``decode`` predicts the next tokens from the encoder output and the tokens so
+far (steps 2-3), and beam search repeats it (step 4). With a ``DecoderCache`` from
+``new_cache()``, each ``decode`` call is given only the newest token(s) and reuses the
+keys/values of earlier positions, so a step costs only the new work.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from transformer.attention import MultiHeadAttention, check_dropout
+from transformer.config import ModelConfig
+from transformer.feed_forward import ACTIVATIONS, FeedForward
+from transformer.layers import DecoderLayer, EncoderLayer, LayerCache
+from transformer.positional import PositionalEncoding
+
+SHARE_EMBEDDINGS = ("none", "decoder", "all")
+
+
+class Embedding(nn.Module):
+    """Token embeddings scaled by sqrt(d_model) (section 3.4), then positions (3.5)."""
+
+    def __init__(self, vocab_size: int, d_model: int, pad_id: int, positions: PositionalEncoding):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab_size, d_model, padding_idx=pad_id)
+        self.positions = positions
+        self.scale = math.sqrt(d_model)
+
+    def forward(self, tokens: Tensor, offset: int = 0) -> Tensor:
+        return self.positions(self.tokens(tokens) * self.scale, offset)  # (B, T, d)
+
+
+class Encoder(nn.Module):
+    def __init__(self, embedding: Embedding, layers: list[EncoderLayer], final_norm: nn.Module):
+        super().__init__()
+        self.embedding, self.layers, self.final_norm = embedding, nn.ModuleList(layers), final_norm
+
+    def forward(self, src_tokens: Tensor, src_mask: Tensor) -> Tensor:
+        """src_tokens (B, S), src_mask (B, 1, 1, S) True at real tokens -> (B, S, d)."""
+        x = self.embedding(src_tokens)
+        for layer in self.layers:
+            x = layer(x, src_mask)
+        return self.final_norm(x)
+
+
+class DecoderCache:
+    """Keys/values saved across incremental ``decode`` calls, one ``LayerCache`` a layer."""
+
+    def __init__(self, n_layers: int):
+        self.layers = [LayerCache() for _ in range(n_layers)]
+        self.length = 0  # target positions already decoded
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep rows ``index`` (B_new,) of the batch, e.g. the surviving beams."""
+        for layer in self.layers:
+            for name, value in vars(layer).items():
+                if value is not None:
+                    setattr(layer, name, value.index_select(0, index))
+
+
+class Decoder(nn.Module):
+    def __init__(self, embedding: Embedding, layers: list[DecoderLayer], final_norm: nn.Module):
+        super().__init__()
+        self.embedding, self.layers, self.final_norm = embedding, nn.ModuleList(layers), final_norm
+
+    def forward(self, tgt_tokens: Tensor, memory: Tensor, memory_mask: Tensor,
+                cache: DecoderCache | None = None) -> Tensor:
+        """tgt_tokens (B, T) (only the new ones with a cache) -> states (B, T, d)."""
+        offset = cache.length if cache is not None else 0
+        x = self.embedding(tgt_tokens, offset)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, memory, memory_mask, cache.layers[i] if cache is not None else None)
+        if cache is not None:
+            cache.length += tgt_tokens.size(1)
+        return self.final_norm(x)
+
+
+class Transformer(nn.Module):
+    def __init__(
+        self,
+        src_vocab_size: int,
+        tgt_vocab_size: int,
+        d_model: int = 512,
+        n_heads: int = 8,
+        n_encoder_layers: int = 6,
+        n_decoder_layers: int = 6,
+        d_ff: int = 2048,
+        dropout: float = 0.1,
+        norm_first: bool = False,
+        share_embeddings: str = "none",
+        pad_id: int = 0,
+        max_len: int = 1024,
+        activation: str = "relu",
+        positional: str = "sinusoidal",
+        attention_dropout: float = 0.0,
+        activation_dropout: float = 0.0,
+    ):
+        super().__init__()
+        check_arguments(src_vocab_size, tgt_vocab_size, d_model, n_heads, dropout,
+                        share_embeddings, activation)
+        self.pad_id, self.d_model = pad_id, d_model
+
+        def attention() -> MultiHeadAttention:
+            return MultiHeadAttention(d_model, n_heads, attention_dropout)
+
+        def feed_forward() -> FeedForward:
+            return FeedForward(d_model, d_ff, activation_dropout, activation)
+
+        def final_norm() -> nn.Module:  # pre-norm stacks end with a LayerNorm
+            return nn.LayerNorm(d_model) if norm_first else nn.Identity()
+
+        def embedding(vocab_size: int) -> Embedding:
+            positions = PositionalEncoding(d_model, max_len, dropout, positional)
+            return Embedding(vocab_size, d_model, pad_id, positions)
+
+        src_embedding, tgt_embedding = embedding(src_vocab_size), embedding(tgt_vocab_size)
+        if share_embeddings == "all":
+            tgt_embedding.tokens = src_embedding.tokens
+        self.encoder = Encoder(src_embedding, [
+            EncoderLayer(d_model, attention(), feed_forward(), dropout, norm_first)
+            for _ in range(n_encoder_layers)], final_norm())
+        self.decoder = Decoder(tgt_embedding, [
+            DecoderLayer(d_model, attention(), attention(), feed_forward(), dropout, norm_first)
+            for _ in range(n_decoder_layers)], final_norm())
+        self.output_projection = nn.Linear(d_model, tgt_vocab_size, bias=False)
+        self.reset_parameters()
+        if share_embeddings in ("decoder", "all"):  # section 3.4: tie pre-softmax to embedding
+            self.output_projection.weight = tgt_embedding.tokens.weight
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform projections, N(0, d^-1/2) embeddings with a zero padding row."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=self.d_model**-0.5)
+                nn.init.zeros_(module.weight[module.padding_idx])
+        nn.init.normal_(self.output_projection.weight, mean=0.0, std=self.d_model**-0.5)
+
+    def forward(self, src_tokens: Tensor, tgt_tokens: Tensor) -> Tensor:
+        """Teacher-forced logits (B, T, V_tgt) for source (B, S) and target input (B, T)."""
+        memory, src_padding_mask = self.encode(src_tokens)
+        return self.decode(tgt_tokens, memory, src_padding_mask)
+
+    def encode(self, src_tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """-> memory (B, S, d), src_padding_mask (B, S) bool, True at padding."""
+        src_padding_mask = src_tokens.eq(self.pad_id)
+        return self.encoder(src_tokens, attention_mask(src_padding_mask)), src_padding_mask
+
+    def decode(self, tgt_tokens: Tensor, memory: Tensor, src_padding_mask: Tensor,
+               cache: DecoderCache | None = None) -> Tensor:
+        """Logits (B, T, V_tgt) of the tokens that follow each of ``tgt_tokens`` (B, T)."""
+        return self.output_projection(self.decode_states(tgt_tokens, memory, src_padding_mask,
+                                                         cache))
+
+    def decode_states(self, tgt_tokens: Tensor, memory: Tensor, src_padding_mask: Tensor,
+                      cache: DecoderCache | None = None) -> Tensor:
+        """The decoder's output states (B, T, d), before the output projection (a loss that
+        projects chunk by chunk starts here)."""
+        return self.decoder(tgt_tokens, memory, attention_mask(src_padding_mask), cache)
+
+    def new_cache(self) -> DecoderCache:
+        """An empty cache for incremental ``decode`` (pass the newest token(s) each call)."""
+        return DecoderCache(len(self.decoder.layers))
+
+
+def attention_mask(padding_mask: Tensor) -> Tensor:
+    """(B, S) True at padding -> (B, 1, 1, S) True where attention is allowed."""
+    return ~padding_mask[:, None, None, :]
+
+
+def check_arguments(src_vocab_size: int, tgt_vocab_size: int, d_model: int, n_heads: int,
+                    dropout: float, share_embeddings: str, activation: str) -> None:
+    if d_model % n_heads != 0:
+        raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+    check_dropout("dropout", dropout)
+    if share_embeddings not in SHARE_EMBEDDINGS:
+        raise ValueError(
+            f"share_embeddings={share_embeddings!r} is not one of {list(SHARE_EMBEDDINGS)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} is not one of {sorted(ACTIVATIONS)}")
+    if share_embeddings == "all" and src_vocab_size != tgt_vocab_size:
+        raise ValueError(
+            f"share_embeddings='all' needs one vocabulary, got src_vocab_size={src_vocab_size} "
+            f"and tgt_vocab_size={tgt_vocab_size}")
+
+
+def build_model(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) -> Transformer:
+    """The factory: a ``Transformer`` from the ``model`` config group."""
+    n_encoder_layers = cfg.n_layers if cfg.n_layers is not None else cfg.n_encoder_layers
+    n_decoder_layers = cfg.n_layers if cfg.n_layers is not None else cfg.n_decoder_layers
+    return Transformer(
+        src_vocab_size, tgt_vocab_size,
+        d_model=cfg.d_model, n_heads=cfg.n_heads,
+        n_encoder_layers=n_encoder_layers, n_decoder_layers=n_decoder_layers,
+        d_ff=cfg.d_ff, dropout=cfg.dropout, norm_first=cfg.norm_first,
+        share_embeddings=cfg.share_embeddings, pad_id=cfg.pad_id, max_len=cfg.max_len,
+        activation=cfg.activation, positional=cfg.positional,
+        attention_dropout=cfg.attention_dropout, activation_dropout=cfg.activation_dropout,
+    )
+
+
+@contextmanager
+def keep_attention_weights(model: nn.Module) -> Iterator[dict[str, MultiHeadAttention]]:
+    """Within the block, every attention module keeps its last weights (B, h, Tq, Tk) in
+    ``.last_weights``; yields the modules by name (``encoder.layers.0.self_attn``, ...)."""
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, MultiHeadAttention)}
+    for module in modules.values():
+        module.keep_weights = True
+    try:
+        yield modules
+    finally:
+        for module in modules.values():
+            module.keep_weights, module.last_weights = False, None
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters, each shared tensor counted once."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+

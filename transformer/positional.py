@@ -1,0 +1,53 @@
+"""Positional encodings, paper section 3.5: ``(B, T, d) -> (B, T, d)``.
+
+Attention has no notion of order, so each position's vector gets a position-dependent
+vector added to it: the paper's fixed sinusoids, or a learned table (``kind="learned"``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from transformer.attention import check_dropout
+
+KINDS = ("sinusoidal", "learned")
+
+
+def sinusoids(max_len: int, d_model: int) -> Tensor:
+    """(max_len, d_model): PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...)."""
+    position = torch.arange(max_len, dtype=torch.float64).unsqueeze(1)  # (L, 1)
+    inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float64)
+                         * (-math.log(10000.0) / d_model))  # (ceil(d/2),)
+    angles = position * inv_freq  # (L, ceil(d/2))
+    table = torch.zeros(max_len, d_model, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(angles)
+    table[:, 1::2] = torch.cos(angles[:, : d_model // 2])
+    return table.float()
+
+
+class PositionalEncoding(nn.Module):
+    def __init__(self, d_model: int, max_len: int, dropout: float = 0.0, kind: str = "sinusoidal"):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"kind={kind!r} is not one of {list(KINDS)}")
+        check_dropout("dropout", dropout)
+        self.kind, self.max_len = kind, max_len
+        if kind == "sinusoidal":
+            # A buffer, not a parameter: fixed, moves with .to(device), not in checkpoints.
+            self.register_buffer("table", sinusoids(max_len, d_model), persistent=False)
+        else:
+            self.table = nn.Parameter(torch.empty(max_len, d_model).normal_(0, d_model**-0.5))
+        self.dropout = nn.Dropout(dropout)  # on the sums, section 5.4
+
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        """Add the encodings of positions offset .. offset+T-1 (offset > 0 when decoding
+        incrementally with a cache)."""
+        T = x.size(1)
+        if offset + T > self.max_len:
+            raise ValueError(
+                f"sequence of {offset + T} positions is longer than max_len={self.max_len}"
+            )
+        return self.dropout(x + self.table[offset : offset + T].to(x.dtype))
