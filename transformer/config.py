@@ -9,7 +9,7 @@ combinations no type can express (d_model divisible by n_heads, ...).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -24,7 +24,7 @@ class ModelConfig:
     n_heads: int = 8
     n_encoder_layers: int = 6
     n_decoder_layers: int = 6
-    n_layers: Optional[int] = None  # when set, overrides both stacks (handy in sweeps)
+    n_layers: int | None = None  # when set, overrides both stacks (handy in sweeps)
     d_ff: int = 2048
     dropout: float = 0.1  # residual and embedding dropout, section 5.4
     attention_dropout: float = 0.0
@@ -40,7 +40,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = "multi30k"  # multi30k | parallel_files | hub
-    root: Optional[str] = None  # multi30k / parallel_files directory
+    root: str | None = None  # multi30k / parallel_files directory
     src_lang: str = "en"
     tgt_lang: str = "de"
     train_split: str = "train"
@@ -50,8 +50,8 @@ class DataConfig:
     # parallel_files: "{split}" and "{lang}" are filled in; plain or .gz files.
     file_pattern: str = "{split}.{lang}"
     # hub: a Hugging Face dataset with a ``translation`` column.
-    hub_name: Optional[str] = None
-    hub_config: Optional[str] = None
+    hub_name: str | None = None
+    hub_config: str | None = None
     streaming: bool = False
     # tokenizer
     vocab_size: int = 8000
@@ -61,7 +61,7 @@ class DataConfig:
     max_len: int = 256  # tokens per side, longer training pairs are dropped
     allow_long_eval: bool = False  # keep (truncate) over-long val/test pairs instead of failing
     max_tokens: int = 4096  # padded source or target tokens per batch (fairseq --max-tokens)
-    max_sentences: Optional[int] = None
+    max_sentences: int | None = None
     cache_dir: str = ".cache/data"
     download: bool = True  # download Multi30k when root is missing and the machine is online
 
@@ -73,7 +73,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-9
     weight_decay: float = 0.0
-    fused: Optional[bool] = None  # None: fused on CUDA
+    fused: bool | None = None  # None: fused on CUDA
 
 
 @dataclass
@@ -88,20 +88,20 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto | bf16 | fp16 | fp32; auto = bf16 on GPU, fp32 on CPU
     max_steps: int = 100_000
-    max_epochs: Optional[int] = None
-    val_every_steps: Optional[int] = 1000  # None: validate at each epoch end
+    max_epochs: int | None = None
+    val_every_steps: int | None = 1000  # None: validate at each epoch end
     save_every_steps: int = 1000
     keep_last: int = 5
     seed: int = 1
     resume: str = "never"  # auto | never | <path to a checkpoint>
     compile: bool = False
     grad_accum: int = 1
-    clip_norm: Optional[float] = 1.0
-    patience: Optional[int] = None  # validations without improvement before stopping
+    clip_norm: float | None = 1.0
+    patience: int | None = None  # validations without improvement before stopping
     log_every_steps: int = 50
     label_smoothing: float = 0.1
     best_metric: str = "bleu"  # bleu | loss
-    val_max_sentences: Optional[int] = None  # decode only this many val sentences for BLEU
+    val_max_sentences: int | None = None  # decode only this many val sentences for BLEU
     val_beam: int = 1  # 1: greedy translations for val/bleu
     max_skipped_steps: int = 10  # consecutive non-finite steps before giving up
     overfit_batches: int = 0  # >0: train on only this many batches (debug=overfit)
@@ -122,7 +122,7 @@ class TrainConfig:
     sched: SchedConfig = field(default_factory=SchedConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    experiment: Optional[str] = None  # name of the experiment delta, for the record
+    experiment: str | None = None  # name of the experiment delta, for the record
 
 
 @dataclass
@@ -130,8 +130,8 @@ class EvalConfig:
     checkpoint: str = MISSING
     splits: list[str] = field(default_factory=lambda: ["test_2016_flickr", "test_2017_flickr"])
     mode: str = "splits"  # splits | files | interactive
-    src_file: Optional[str] = None
-    ref_file: Optional[str] = None
+    src_file: str | None = None
+    ref_file: str | None = None
     beam: int = 5
     lenpen: float = 0.6
     max_len_a: float = 1.2
@@ -140,7 +140,7 @@ class EvalConfig:
     batch_tokens: int = 8192
     device: str = "auto"
     precision: str = "auto"
-    data_root: Optional[str] = None  # overrides the checkpoint's data.root
+    data_root: str | None = None  # overrides the checkpoint's data.root
     output_dir: str = "."
     lowercase_bleu: bool = True  # also print lowercased sacreBLEU
     extra: dict[str, Any] = field(default_factory=dict)
