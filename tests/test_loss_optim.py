@@ -1,0 +1,56 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from transformer.config import OptimConfig, SchedConfig
+from transformer.loss import label_smoothed_cross_entropy
+from transformer.optim import build_optimizer, build_scheduler, lr_factor
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.1, 0.3])
+def test_loss_matches_torch_cross_entropy(epsilon):
+    torch.manual_seed(0)
+    logits = torch.randn(12, 17, dtype=torch.float64)
+    target = torch.randint(0, 17, (12,))
+    target[[2, 5]] = 0  # padding
+    loss, nll = label_smoothed_cross_entropy(logits, target, epsilon, ignore_index=0)
+    expected = F.cross_entropy(logits, target, ignore_index=0, reduction="sum",
+                               label_smoothing=epsilon)
+    expected_nll = F.cross_entropy(logits, target, ignore_index=0, reduction="sum")
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(nll.double(), expected_nll, rtol=1e-6, atol=1e-6)
+
+
+def test_loss_by_hand():
+    # Two classes, uniform logits: nll = log 2 for the one real token.
+    loss, nll = label_smoothed_cross_entropy(torch.zeros(2, 2), torch.tensor([1, 0]), 0.1)
+    assert nll.item() == pytest.approx(math.log(2))
+    assert loss.item() == pytest.approx(math.log(2))
+
+
+def test_inverse_sqrt_schedule():
+    cfg = SchedConfig(name="inverse_sqrt", warmup_steps=4)
+    factors = [lr_factor(s, cfg, 100, 1e-3) for s in (1, 2, 4, 16, 64)]
+    assert factors == pytest.approx([0.25, 0.5, 1.0, 0.5, 0.25])
+
+
+def test_cosine_schedule_ends_at_min_lr():
+    cfg = SchedConfig(name="cosine", warmup_steps=10, min_lr=1e-5)
+    assert lr_factor(10, cfg, 110, 1e-3) == pytest.approx(1.0)
+    assert lr_factor(60, cfg, 110, 1e-3) == pytest.approx(0.5 + 0.5 * 1e-2)
+    assert lr_factor(110, cfg, 110, 1e-3) == pytest.approx(1e-2)
+
+
+def test_scheduler_drives_the_optimizer():
+    model = torch.nn.Linear(2, 2)
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-3), torch.device("cpu"))
+    scheduler = build_scheduler(optimizer, SchedConfig(warmup_steps=4), 100)
+    lrs = []
+    for _ in range(4):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert optimizer.param_groups[0]["betas"] == (0.9, 0.98)
