@@ -1,0 +1,74 @@
+"""Metric logging: a TensorBoard writer for rank 0 and a no-op twin for everyone else.
+
+Tags follow ``split/name`` (``train/loss``, ``val/bleu``): the same names appear in the log
+lines and in the value a sweep optimises.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+
+class NullLogger:
+    """Accepts everything, writes nothing (non-zero ranks, logger.tensorboard=false)."""
+
+    def scalars(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def text(self, tag: str, text: str, step: int) -> None: ...
+
+    def attention_map(self, tag: str, weights: Tensor, x_labels: list[str],
+                      y_labels: list[str], step: int) -> None: ...
+
+    def hparams(self, hparams: dict[str, Any], metric_tags: list[str]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class TensorBoardLogger(NullLogger):
+    def __init__(self, log_dir: Path, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step drops events a crashed run logged after its last checkpoint, so a
+        # resumed run continues one clean curve.
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+
+    def scalars(self, metrics: dict[str, float], step: int) -> None:
+        for tag, value in metrics.items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        self.writer.add_text(tag, text, step)
+
+    def attention_map(self, tag: str, weights: Tensor, x_labels: list[str],
+                      y_labels: list[str], step: int) -> None:
+        """weights (Tq, Tk) of one head, keys on the x axis and queries on the y axis."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        size = (2 + 0.28 * len(x_labels), 2 + 0.28 * len(y_labels))
+        figure, axes = plt.subplots(figsize=size)
+        axes.imshow(weights.float().cpu().numpy(), cmap="viridis", vmin=0.0)
+        axes.set_xticks(range(len(x_labels)), x_labels, rotation=90, fontsize=8)
+        axes.set_yticks(range(len(y_labels)), y_labels, fontsize=8)
+        axes.set_title(tag, fontsize=9)
+        figure.tight_layout()
+        self.writer.add_figure(tag, figure, step)  # closes the figure
+
+    def hparams(self, hparams: dict[str, Any], metric_tags: list[str]) -> None:
+        """Register the run with the HParams plugin in this same directory, so the runs of
+        a sweep compare in one table; the metrics are the scalars logged under these tags."""
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        values = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                  for k, v in hparams.items()}
+        for summary in hparams_summary(values, dict.fromkeys(metric_tags, 0.0)):
+            self.writer.file_writer.add_summary(summary)
+
+    def close(self) -> None:
+        self.writer.close()
