@@ -1,33 +1,45 @@
 """transformer: a research framework for the encoder-decoder Transformer of
-"Attention Is All You Need" (Vaswani et al., 2017)."""
+"Attention Is All You Need" (Vaswani et al., 2017).
 
-from transformer.attention import MultiHeadAttention
-from transformer.config import ModelConfig
-from transformer.feed_forward import FeedForward
-from transformer.layers import DecoderLayer, EncoderLayer
-from transformer.model import (
-    Decoder,
-    DecoderCache,
-    Encoder,
-    Transformer,
-    build_model,
-    count_parameters,
-    keep_attention_weights,
-)
-from transformer.positional import PositionalEncoding
+``from transformer import Transformer, MultiHeadAttention, load_checkpoint, translate, ...``.
+The names are imported on first use (PEP 562), so that scripts which need only the data
+pipeline do not pay for importing torch's model code.
+"""
 
-__all__ = [
-    "Decoder",
-    "DecoderCache",
-    "DecoderLayer",
-    "Encoder",
-    "EncoderLayer",
-    "FeedForward",
-    "ModelConfig",
-    "MultiHeadAttention",
-    "PositionalEncoding",
-    "Transformer",
-    "build_model",
-    "count_parameters",
-    "keep_attention_weights",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "MultiHeadAttention": "transformer.attention",
+    "FeedForward": "transformer.feed_forward",
+    "PositionalEncoding": "transformer.positional",
+    "EncoderLayer": "transformer.layers",
+    "DecoderLayer": "transformer.layers",
+    "Encoder": "transformer.model",
+    "Decoder": "transformer.model",
+    "DecoderCache": "transformer.model",
+    "Transformer": "transformer.model",
+    "build_model": "transformer.model",
+    "count_parameters": "transformer.model",
+    "keep_attention_weights": "transformer.model",
+    "ModelConfig": "transformer.config",
+    "Tokenizer": "transformer.tokenizer",
+    "load_checkpoint": "transformer.checkpoint",
+    "translate": "transformer.decoding",
+    "greedy_search": "transformer.decoding",
+    "beam_search": "transformer.decoding",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'transformer' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return __all__
