@@ -139,11 +139,8 @@ class EvalConfig:
     min_len: int = 1
     batch_tokens: int = 8192
     device: str = "auto"
-    precision: str = "auto"
     data_root: str | None = None  # overrides the checkpoint's data.root
     output_dir: str = "."
-    lowercase_bleu: bool = True  # also print lowercased sacreBLEU
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class ConfigError(ValueError):

@@ -59,11 +59,13 @@ class DecoderCache:
         self.layers = [LayerCache() for _ in range(n_layers)]
         self.length = 0  # target positions already decoded
 
-    def reorder(self, index: Tensor) -> None:
-        """Keep rows ``index`` (B_new,) of the batch, e.g. the surviving beams."""
+    def reorder(self, index: Tensor, cross_attention: bool = True) -> None:
+        """Keep rows ``index`` (B_new,) of the batch, e.g. the surviving beams.
+        ``cross_attention=False`` leaves the encoder keys/values alone: right when rows
+        move only among the beams of one sentence, which share them."""
         for layer in self.layers:
             for name, value in vars(layer).items():
-                if value is not None:
+                if value is not None and (cross_attention or name.startswith("self_")):
                     setattr(layer, name, value.index_select(0, index))
 
 

@@ -1,0 +1,52 @@
+"""Average the weights of several checkpoints (paper 6.1).
+
+    python scripts/average_checkpoints.py --inputs a.pt b.pt --output avg.pt
+    python scripts/average_checkpoints.py --last 5 outputs/2026-11-26/10-00-00 --output avg.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from transformer.checkpoint import (
+    CheckpointError,
+    average_checkpoints,
+    save_checkpoint,
+    step_checkpoints,
+)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--inputs", nargs="+", type=Path, help="checkpoint files")
+    source.add_argument("--last", nargs=2, metavar=("N", "RUN_DIR"),
+                        help="the last N numbered checkpoints of a run directory")
+    parser.add_argument("--output", type=Path, required=True)
+    args = parser.parse_args()
+    try:
+        paths = args.inputs or last_checkpoints(int(args.last[0]), Path(args.last[1]))
+        state = average_checkpoints(paths)
+        save_checkpoint(state, args.output)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"averaged {len(paths)} checkpoints into {args.output}: "
+          + ", ".join(p.name for p in paths))
+    return 0
+
+
+def last_checkpoints(n: int, run_dir: Path) -> list[Path]:
+    directory = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
+    found = step_checkpoints(directory)
+    if len(found) < n:
+        raise CheckpointError(f"{directory} has {len(found)} numbered checkpoints, "
+                              f"fewer than --last {n}")
+    return found[-n:]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

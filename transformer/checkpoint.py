@@ -1,0 +1,156 @@
+"""Checkpoints: written atomically, read with clear errors, enough on their own to resume
+training or to translate (weights, optimizer, schedule, RNG, resolved config, tokenizer).
+
+Layout of a run directory (``outputs/<date>/<time>/``)::
+
+    checkpoints/checkpoint_last.pt    the newest state, rewritten at every save
+    checkpoints/checkpoint_best.pt    the best by val/bleu (or val/loss)
+    checkpoints/checkpoint_<step>.pt  the last ``trainer.keep_last`` saves
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format_version", "model", "config", "tokenizer", "step")
+STEP_FILE = re.compile(r"checkpoint_(\d+)\.pt$")
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable or does not fit; the message names the file."""
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write ``state`` to ``path`` atomically: a temporary file in the same directory, flushed
+    to disk, then renamed over the target. A crash or a full disk leaves the previous file
+    intact and no half-written one under the real name."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save({"format_version": FORMAT_VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write checkpoint {path}: {error.strerror or error}"
+                              ) from error
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
+                    ) -> dict[str, Any]:
+    """Load and check a checkpoint file; raise CheckpointError naming it if it is missing,
+    truncated, corrupt or not one of ours."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoints" / "checkpoint_last.pt" if (path / "checkpoints").is_dir() \
+            else path / "checkpoint_last.pt"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
+            ValueError) as error:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({error})") from error
+    if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
+        raise CheckpointError(f"{path} is not a transformer checkpoint (missing keys)")
+    if state["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format {state['format_version']}; this code reads "
+                              f"up to {FORMAT_VERSION}: update the code")
+    return state
+
+
+def step_checkpoints(directory: Path) -> list[Path]:
+    """The numbered checkpoints in ``directory``, oldest first."""
+    found = [p for p in Path(directory).glob("checkpoint_*.pt") if STEP_FILE.search(p.name)]
+    return sorted(found, key=lambda p: int(STEP_FILE.search(p.name).group(1)))
+
+
+def prune_checkpoints(directory: Path, keep_last: int) -> None:
+    for old in step_checkpoints(directory)[:-keep_last]:
+        old.unlink(missing_ok=True)
+
+
+def latest_valid_checkpoint(directory: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in ``directory`` that loads, trying checkpoint_last.pt first
+    and then the numbered ones, newest first; says which ones it skipped and why."""
+    directory = Path(directory)
+    candidates = [directory / "checkpoint_last.pt", *reversed(step_checkpoints(directory))]
+    for path in candidates:
+        if not path.exists():
+            continue
+        try:
+            return path, read_checkpoint(path)
+        except CheckpointError as error:
+            log.warning("skipping %s: %s", path, error)
+    return None
+
+
+def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
+    """Average the model weights of ``paths`` (paper 6.1: the last checkpoints, averaged).
+    The result keeps the last checkpoint's config and tokenizer, and no optimizer state:
+    it is for evaluation and fine-tuning."""
+    if not paths:
+        raise CheckpointError("no checkpoints to average")
+    states = [read_checkpoint(path) for path in paths]
+    reference = states[-1]["model"]
+    total = {name: torch.zeros_like(t, dtype=torch.float64) for name, t in reference.items()}
+    for path, state in zip(paths, states, strict=True):
+        check_compatible(path, state["model"], paths[-1], reference)
+        for name, tensor in state["model"].items():
+            total[name] += tensor.double()
+    averaged = {name: (t / len(states)).to(reference[name].dtype) for name, t in total.items()}
+    keep = ("config", "tokenizer", "vocab_size", "step")
+    return {**{k: states[-1][k] for k in keep if k in states[-1]}, "model": averaged,
+            "averaged_from": [str(p) for p in paths]}
+
+
+def check_compatible(path: Path, weights: dict, reference_path: Path, reference: dict) -> None:
+    if weights.keys() != reference.keys():
+        extra = sorted(weights.keys() ^ reference.keys())[:3]
+        raise CheckpointError(f"{path} and {reference_path} hold different parameters "
+                              f"(e.g. {extra}): not the same model")
+    for name, tensor in weights.items():
+        if tensor.shape != reference[name].shape:
+            raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, but "
+                                  f"{reference_path} has {tuple(reference[name].shape)}")
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
+    """``model, tokenizer, cfg = load_checkpoint(path)``: a model in eval mode on ``device``,
+    the tokenizer (encodes the source, decodes the target) and the training config."""
+    from omegaconf import OmegaConf
+
+    from transformer.config import TrainConfig
+    from transformer.model import build_model
+    from transformer.tokenizer import Tokenizer, TokenizerPair
+
+    state = read_checkpoint(path)
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), state["config"])
+    except Exception as error:  # omegaconf raises several types for an alien config
+        raise CheckpointError(f"{path}: its config does not match this code: {error}"
+                              ) from error
+    vocab = state["vocab_size"]
+    model = build_model(OmegaConf.to_object(cfg.model), vocab["src"], vocab["tgt"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise CheckpointError(f"{path} does not match the model code: {error}") from error
+    src = Tokenizer.from_str(state["tokenizer"]["src"])
+    tgt = Tokenizer.from_str(state["tokenizer"]["tgt"]) if state["tokenizer"]["tgt"] else src
+    tokenizer = src if tgt is src else TokenizerPair(src, tgt)
+    return model.to(device).eval(), tokenizer, cfg

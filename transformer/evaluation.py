@@ -1,0 +1,115 @@
+"""Scoring translations: sacreBLEU (cased, detokenized; and lowercased) and chrF, per split,
+per pair of user files, or interactively (one translation per stdin line)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TextIO
+
+import sacrebleu
+from omegaconf import DictConfig, OmegaConf
+
+from transformer.checkpoint import load_checkpoint
+from transformer.config import DataConfig, EvalConfig
+from transformer.data import DataError, open_corpus, read_lines
+from transformer.decoding import translate
+from transformer.precision import resolve_device
+
+log = logging.getLogger("transformer")
+
+
+def score(hypotheses: list[str], references: list[str]) -> dict[str, float | str]:
+    """Corpus BLEU (13a, cased, detokenized: sacreBLEU's defaults), lowercased BLEU and chrF."""
+    bleu, bleu_lc = sacrebleu.BLEU(), sacrebleu.BLEU(lowercase=True)
+    chrf = sacrebleu.CHRF()
+    return {
+        "bleu": bleu.corpus_score(hypotheses, [references]).score,
+        "bleu_lc": bleu_lc.corpus_score(hypotheses, [references]).score,
+        "chrf": chrf.corpus_score(hypotheses, [references]).score,
+        "bleu_signature": str(bleu.get_signature()),
+        "bleu_lc_signature": str(bleu_lc.get_signature()),
+        "chrf_signature": str(chrf.get_signature()),
+    }
+
+
+def evaluate(cfg: EvalConfig | DictConfig, stdin: TextIO = sys.stdin,
+             stdout: TextIO = sys.stdout) -> dict[str, dict]:
+    """Load the checkpoint, then translate and score as ``cfg.mode`` says."""
+    device = resolve_device(cfg.device)
+    model, tokenizer, train_cfg = load_checkpoint(cfg.checkpoint, device)
+    log.info("loaded %s on %s", cfg.checkpoint, device)
+
+    def run(sentences: list[str]) -> list[str]:
+        return translate(model, tokenizer, sentences, beam=cfg.beam, lenpen=cfg.lenpen,
+                         max_tokens=cfg.batch_tokens, max_len_a=cfg.max_len_a,
+                         max_len_b=cfg.max_len_b, min_len=cfg.min_len)
+
+    if cfg.mode == "interactive":
+        interactive(run, stdin, stdout)
+        return {}
+    if cfg.mode == "files":
+        if not cfg.src_file:
+            raise DataError("mode=files needs src_file=PATH (and ref_file=PATH to score)")
+        named = {Path(cfg.src_file).name: read_file_pair(cfg.src_file, cfg.ref_file)}
+    elif cfg.mode == "splits":
+        named = read_splits(data_config(train_cfg, cfg), list(cfg.splits))
+    else:
+        raise DataError(f"mode={cfg.mode!r} is not one of ['splits', 'files', 'interactive']")
+    return {name: translate_and_score(name, sources, references, run, Path(cfg.output_dir))
+            for name, (sources, references) in named.items()}
+
+
+def interactive(run, stdin: Iterable[str], stdout: TextIO) -> None:
+    """One translation per input line, flushed at once: usable in a pipe."""
+    for line in stdin:
+        stdout.write(run([line.rstrip("\n")])[0] + "\n")
+        stdout.flush()
+
+
+def translate_and_score(name: str, sources: list[str], references: list[str] | None, run,
+                        output_dir: Path) -> dict:
+    hypotheses = run(sources)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    out_path = output_dir / f"{name}.hyp"
+    out_path.write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
+    if references is None:
+        print(f"{name}: {len(hypotheses)} translations -> {out_path}")
+        return {}
+    scores = score(hypotheses, references)
+    print(f"{name}: BLEU {scores['bleu']:.2f} | BLEU (lowercased) {scores['bleu_lc']:.2f} | "
+          f"chrF {scores['chrf']:.2f} | {len(hypotheses)} sentences -> {out_path}\n"
+          f"    {scores['bleu_signature']}\n    {scores['chrf_signature']}")
+    return scores
+
+
+def data_config(train_cfg: DictConfig, cfg: EvalConfig | DictConfig) -> DataConfig:
+    data: DataConfig = OmegaConf.to_object(train_cfg.data)
+    if cfg.data_root:
+        data.root = cfg.data_root
+    return data
+
+
+def read_splits(data: DataConfig, splits: list[str]) -> dict[str, tuple[list[str], list[str]]]:
+    corpus = open_corpus(data, splits)
+    named = {}
+    for split in splits:
+        sources, references = [], []
+        for src_chunk, tgt_chunk in corpus.chunks(split):
+            sources += src_chunk
+            references += tgt_chunk
+        named[f"{split}.{data.src_lang}-{data.tgt_lang}"] = (sources, references)
+    return named
+
+
+def read_file_pair(src_file: str, ref_file: str | None) -> tuple[list[str], list[str] | None]:
+    sources = read_lines(src_file)
+    if ref_file is None:
+        return sources, None
+    references = read_lines(ref_file)
+    if len(sources) != len(references):
+        raise DataError(f"line counts differ: {src_file} has {len(sources)} lines, "
+                        f"{ref_file} has {len(references)}")
+    return sources, references

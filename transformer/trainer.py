@@ -1,0 +1,561 @@
+"""The training loop and its parts: one optimizer step, validation, the loop itself."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sacrebleu
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm import tqdm
+
+from transformer.checkpoint import (
+    CheckpointError,
+    latest_valid_checkpoint,
+    prune_checkpoints,
+    read_checkpoint,
+    save_checkpoint,
+)
+from transformer.config import DataConfig
+from transformer.config import validate as validate_config
+from transformer.data import (
+    Batch,
+    EncodedSplit,
+    TokenBatchSampler,
+    TranslationData,
+    collate,
+    prepare_data,
+)
+from transformer.decoding import translate_ids
+from transformer.logging import NullLogger, TensorBoardLogger
+from transformer.loss import linear_label_smoothed_cross_entropy
+from transformer.model import Transformer, build_model, count_parameters, keep_attention_weights
+from transformer.optim import build_optimizer, build_scheduler
+from transformer.precision import Precision, resolve_device
+from transformer.tokenizer import EOS_ID
+
+
+@dataclass
+class StepOutput:
+    """What one optimizer step reports; tensors stay on the device (no host sync)."""
+
+    loss_sum: Tensor  # label-smoothed loss summed over target tokens
+    nll_sum: Tensor
+    n_tokens: int  # target tokens, all micro-batches together
+    grad_norm: Tensor  # before clipping
+    finite: Tensor  # False when the loss or a gradient was inf/nan (the step was skipped)
+
+
+def batch_loss(model: nn.Module, batch, label_smoothing: float, pad_id: int = 0
+               ) -> tuple[Tensor, Tensor]:
+    """Teacher-forced (loss sum, nll sum) of one batch. The output projection and the loss
+    run together, chunk by chunk, so that the (B*T, V) float32 logits never exist whole
+    (``linear_label_smoothed_cross_entropy``; docs/benchmarks.md has what it saves)."""
+    memory, src_padding_mask = model.encode(batch.src_tokens)
+    states = model.decode_states(batch.tgt_input, memory, src_padding_mask)  # (B, T, d)
+    return linear_label_smoothed_cross_entropy(
+        states.flatten(0, 1), model.output_projection.weight, batch.tgt_output.flatten(),
+        label_smoothing, pad_id)
+
+
+def train_step(model: nn.Module, micro_batches: Sequence, optimizer: torch.optim.Optimizer,
+               scheduler, scaler: torch.amp.GradScaler, precision: Precision,
+               clip_norm: float | None, label_smoothing: float,
+               loss_fn: Callable = batch_loss) -> StepOutput:
+    """Forward, label-smoothed loss, backward over each micro-batch (gradient accumulation),
+    then unscale, clip and one optimizer step. The loss is normalised by the target tokens
+    of all micro-batches, so accumulation equals one big batch. ``loss_fn``: ``batch_loss``
+    or ``torch.compile(batch_loss)``, which compiles forward, loss and backward together."""
+    n_tokens = sum(batch.n_tgt_tokens for batch in micro_batches)
+    loss_total = nll_total = torch.zeros((), device=micro_batches[0].src_tokens.device)
+    for batch in micro_batches:
+        with precision.autocast():
+            loss, nll = loss_fn(model, batch, label_smoothing)
+        scaler.scale(loss / n_tokens).backward()
+        loss_total, nll_total = loss_total + loss.detach(), nll_total + nll.detach()
+    scaler.unscale_(optimizer)
+    max_norm = clip_norm if clip_norm else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    # fp16 overflows are the GradScaler's business (it skips and lowers the scale); a
+    # non-finite loss is always a real problem.
+    finite = torch.isfinite(loss_total)
+    if not scaler.is_enabled():
+        finite = finite & torch.isfinite(grad_norm)
+    if scaler.is_enabled():
+        scaler.step(optimizer)  # skips the step itself when fp16 gradients overflowed
+        scaler.update()
+    elif optimizer.defaults.get("fused"):
+        # Fused AdamW skips a step itself when given GradScaler's ``found_inf`` flag:
+        # never a nan/inf update, and no host sync.
+        optimizer.found_inf = (~finite).float()
+        optimizer.step()
+        del optimizer.found_inf
+    elif finite:  # the one host sync of the step: never apply a nan/inf update
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepOutput(loss_total, nll_total, n_tokens, grad_norm, finite)
+
+
+# ----------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------
+
+log = logging.getLogger("transformer")
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12}  # bf16 dense
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
+    best: float | None = None  # best validation metric so far
+    validations_without_improvement: int = 0
+    skipped_steps: int = 0  # non-finite steps, in total and in a row
+    skipped_in_a_row: int = 0
+
+
+@dataclass
+class Run:
+    """Everything the loop works with, built once by ``setup``."""
+
+    cfg: DictConfig
+    run_dir: Path
+    device: torch.device
+    precision: Precision
+    data: TranslationData
+    model: Transformer
+    step_model: nn.Module  # the model, or its torch.compile'd wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    scaler: torch.amp.GradScaler
+    logger: NullLogger
+    state: TrainState = field(default_factory=TrainState)
+    flops_per_token: float | None = None
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+def train(cfg: DictConfig, run_dir: Path) -> float:
+    """Train as configured; return the best validation metric (what sweepers optimise)."""
+    validate_config(cfg)
+    run = setup(cfg, Path(run_dir))
+    try:
+        fit(run)
+    finally:
+        run.logger.close()
+    return run.state.best if run.state.best is not None else float("nan")
+
+
+def setup(cfg: DictConfig, run_dir: Path) -> Run:
+    device = resolve_device(cfg.trainer.device)
+    precision = Precision.resolve(cfg.trainer.precision, device)
+    resume_state = find_resume(cfg.trainer.resume, run_dir)  # before any slow work
+    seed_everything(cfg.trainer.seed)
+    data_cfg: DataConfig = OmegaConf.to_object(cfg.data)
+    data = prepare_data(data_cfg, splits=[data_cfg.train_split, data_cfg.valid_split],
+                        log=log.info)
+    model = build_model(OmegaConf.to_object(cfg.model), data.src_tokenizer.vocab_size,
+                        data.tgt_tokenizer.vocab_size).to(device)
+    log.info("model: %s parameters", f"{count_parameters(model):,}")
+    optimizer = build_optimizer(model, cfg.optim, device)
+    scheduler = build_scheduler(optimizer, cfg.sched, cfg.trainer.max_steps)
+    step_model = torch.compile(model) if cfg.trainer.compile else model
+    run = Run(cfg, run_dir, device, precision, data, model, step_model, optimizer, scheduler,
+              precision.grad_scaler(), NullLogger())
+    if resume_state is not None:
+        restore(run, resume_state)
+    if cfg.logger.tensorboard:
+        # A resumed run purges events past its checkpoint and continues the same curves.
+        purge = run.state.step + 1 if resume_state is not None else None
+        run.logger = TensorBoardLogger(run_dir / "tb", purge_step=purge)
+        run.logger.hparams(flat_hparams(cfg), ["val/bleu", "val/loss", "val/ppl"])
+    return run
+
+
+def fit(run: Run) -> None:
+    """The loop: steps over token-bucketed batches, epoch after epoch, until max_steps,
+    max_epochs or early stopping."""
+    cfg, state = run.cfg.trainer, run.state
+    train_split = run.data.splits[run.cfg.data.train_split]
+    sampler = TokenBatchSampler(
+        [len(s) + 1 for s in train_split.src_ids], [len(t) + 1 for t in train_split.tgt_ids],
+        run.cfg.data.max_tokens, run.cfg.data.max_sentences, shuffle=True, seed=cfg.seed)
+    meter, progress = Meter(), Progress(cfg.max_steps, state.step)
+    while not finished(run):
+        batches = epoch_batches(run, sampler, train_split)
+        for micro_batches in grouped(batches, cfg.grad_accum):
+            output = train_step(run.step_model, micro_batches, run.optimizer, run.scheduler,
+                                run.scaler, run.precision, cfg.clip_norm, cfg.label_smoothing)
+            state.step += 1
+            state.batch_in_epoch += len(micro_batches)
+            meter.add(output)
+            after_step(run, output, meter, progress)
+            if finished(run):
+                break
+        else:  # the epoch ran out
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            if cfg.val_every_steps is None:
+                validate_and_save(run)
+    progress.close()
+    if not run.checkpoint_dir.joinpath("checkpoint_last.pt").exists() or \
+            read_step(run) != state.step:
+        save(run)
+    log.info("done: step %d, best %s %s; checkpoints in %s", state.step,
+             run.cfg.trainer.best_metric, state.best, run.checkpoint_dir)
+    log.info("evaluate with: python evaluate.py checkpoint=%s",
+             run.checkpoint_dir / "checkpoint_best.pt")
+
+
+def finished(run: Run) -> bool:
+    cfg, state = run.cfg.trainer, run.state
+    if state.step >= cfg.max_steps:
+        return True
+    if cfg.max_epochs is not None and state.epoch >= cfg.max_epochs:
+        return True
+    return cfg.patience is not None and state.validations_without_improvement >= cfg.patience
+
+
+def epoch_batches(run: Run, sampler: TokenBatchSampler, split: EncodedSplit) -> Iterator[Batch]:
+    """This epoch's batches from where the run stands (exact resume), on the device."""
+    state, overfit = run.state, run.cfg.trainer.overfit_batches
+    if overfit:  # the same first batches every epoch
+        index_lists = sampler.batches(0)[:overfit][state.batch_in_epoch:]
+    else:
+        index_lists = sampler.batches(state.epoch, start=state.batch_in_epoch)
+    for indices in index_lists:
+        yield collate(split, indices).to(run.device)
+
+
+def grouped(batches: Iterator[Batch], size: int) -> Iterator[list[Batch]]:
+    """Micro-batches for one optimizer step (gradient accumulation)."""
+    group: list[Batch] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def after_step(run: Run, output: StepOutput, meter: Meter, progress: Progress) -> None:
+    cfg, state = run.cfg.trainer, run.state
+    if run.flops_per_token is None and run.device.type == "cuda":
+        run.flops_per_token = measure_flops_per_token(run, output)
+    check_finite(run, output)
+    progress.update(state.step)
+    if state.step % cfg.log_every_steps == 0:
+        metrics = meter.summary(run)
+        run.logger.scalars(metrics, state.step)
+        progress.show(state.step, metrics)
+    if cfg.val_every_steps and state.step % cfg.val_every_steps == 0:
+        validate_and_save(run)
+    elif state.step % cfg.save_every_steps == 0:
+        save(run)
+
+
+def check_finite(run: Run, output: StepOutput) -> None:
+    """Count non-finite steps (they were skipped by train_step); stop after too many."""
+    state = run.state
+    if bool(output.finite):
+        state.skipped_in_a_row = 0
+        return
+    state.skipped_steps += 1
+    state.skipped_in_a_row += 1
+    run.logger.scalars({"train/skipped_steps": state.skipped_steps}, state.step)
+    log.warning("step %d: non-finite loss or gradients, update skipped (%d in a row)",
+                state.step, state.skipped_in_a_row)
+    if state.skipped_in_a_row >= run.cfg.trainer.max_skipped_steps:
+        raise FloatingPointError(
+            f"{state.skipped_in_a_row} steps in a row had non-finite loss or gradients "
+            f"(step {state.step}); lower optim.lr, raise sched.warmup_steps, or use "
+            "trainer.precision=bf16/fp32")
+
+
+class Meter:
+    """Sums step outputs on the device; one host sync per logging interval."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = self.nll = self.grad_norm = 0.0
+        self.tokens = self.steps = 0
+        self.start = time.perf_counter()
+
+    def add(self, output: StepOutput) -> None:
+        self.loss = self.loss + output.loss_sum
+        self.nll = self.nll + output.nll_sum
+        self.grad_norm = self.grad_norm + output.grad_norm
+        self.tokens += output.n_tokens
+        self.steps += 1
+
+    def summary(self, run: Run) -> dict[str, float]:
+        seconds = time.perf_counter() - self.start
+        tokens = max(self.tokens, 1)
+        nll = float(self.nll) / tokens
+        metrics = {
+            "train/loss": float(self.loss) / tokens,
+            "train/nll_loss": nll,
+            "train/ppl": math.exp(min(nll, 50.0)),
+            "train/lr": run.optimizer.param_groups[0]["lr"],
+            "train/grad_norm": float(self.grad_norm) / max(self.steps, 1),
+            "train/tokens_per_s": self.tokens / seconds,
+        }
+        peak = peak_flops(run.device)
+        if run.flops_per_token and peak:
+            metrics["train/mfu"] = metrics["train/tokens_per_s"] * run.flops_per_token / peak
+        if run.scaler.is_enabled():
+            metrics["train/loss_scale"] = run.scaler.get_scale()
+        self.reset()
+        return metrics
+
+
+class Progress:
+    """A tqdm bar on a terminal; plain log lines otherwise (log files, SLURM)."""
+
+    def __init__(self, total: int, initial: int):
+        self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, leave=False) \
+            if sys.stderr.isatty() else None
+
+    def update(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+
+    def show(self, step: int, metrics: dict[str, float]) -> None:
+        short = {"loss": f"{metrics['train/loss']:.3f}", "lr": f"{metrics['train/lr']:.2e}",
+                 "tok/s": f"{metrics['train/tokens_per_s']:.0f}"}
+        if self.bar is not None:
+            self.bar.set_postfix(short)
+        else:
+            log.info("step %d | %s", step, " | ".join(f"{k} {v}" for k, v in short.items()))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def validate_and_save(run: Run) -> None:
+    """Validate, keep the best checkpoint, count validations without improvement, save."""
+    metrics = validate(run)
+    state, key = run.state, run.cfg.trainer.best_metric
+    value = metrics[f"val/{key}"]
+    improved = state.best is None or (value > state.best if key == "bleu" else value < state.best)
+    if improved:
+        state.best, state.validations_without_improvement = value, 0
+    else:
+        state.validations_without_improvement += 1
+    log.info("step %d | %s%s", state.step,
+             " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()), " (best)" if improved else "")
+    save(run, best=improved)
+
+
+@torch.inference_mode()
+def validate(run: Run) -> dict[str, float]:
+    """val/loss and val/ppl teacher-forced over the whole val split; val/bleu from greedy
+    (or trainer.val_beam) translations; examples and attention maps to TensorBoard."""
+    model, cfg = run.model, run.cfg
+    split = run.data.splits[cfg.data.valid_split]
+    model.eval()
+    loss = nll = 0.0
+    tokens = 0
+    sampler = TokenBatchSampler([len(s) + 1 for s in split.src_ids],
+                                [len(t) + 1 for t in split.tgt_ids],
+                                cfg.data.max_tokens, shuffle=False)
+    for indices in sampler.batches(0):
+        batch = collate(split, indices).to(run.device)
+        with run.precision.autocast():
+            batch_loss_sum, batch_nll = batch_loss(model, batch, cfg.trainer.label_smoothing)
+        loss, nll, tokens = loss + batch_loss_sum, nll + batch_nll, tokens + batch.n_tgt_tokens
+    nll_per_token = float(nll) / tokens
+    metrics = {"val/loss": float(loss) / tokens, "val/nll_loss": nll_per_token,
+               "val/ppl": math.exp(min(nll_per_token, 50.0))}
+    metrics["val/bleu"] = validation_bleu(run, split)
+    run.logger.scalars(metrics, run.state.step)
+    if cfg.logger.attention_maps:
+        log_attention_maps(run, split)
+    model.train()
+    return metrics
+
+
+def validation_bleu(run: Run, split: EncodedSplit) -> float:
+    n = run.cfg.trainer.val_max_sentences or len(split.src_ids)
+    src_ids = [ids + [EOS_ID] for ids in split.src_ids[:n]]
+    with run.precision.autocast():
+        hypotheses = translate_ids(run.model, src_ids, beam=run.cfg.trainer.val_beam,
+                                   max_tokens=run.cfg.data.max_tokens)
+    hypotheses = run.data.tgt_tokenizer.decode_batch(hypotheses)
+    references = split.tgt_text[:n]
+    for i in range(min(run.cfg.logger.n_examples, n)):
+        run.logger.text(f"val/example_{i}", f"**source:** {split.src_text[i]}  \n"
+                        f"**reference:** {references[i]}  \n**hypothesis:** {hypotheses[i]}",
+                        run.state.step)
+    return sacrebleu.corpus_bleu(hypotheses, [references]).score
+
+
+def log_attention_maps(run: Run, split: EncodedSplit) -> None:
+    """Head 0 of the last layer's encoder self-, decoder self- and cross-attention for the
+    first val sentence, teacher-forced on its reference."""
+    batch = collate(split, [0]).to(run.device)
+    src_labels = run.data.src_tokenizer.id_tokens(batch.src_tokens[0].tolist())
+    tgt_labels = run.data.tgt_tokenizer.id_tokens(batch.tgt_input[0].tolist())
+    with keep_attention_weights(run.model) as modules:
+        run.model(batch.src_tokens, batch.tgt_input)
+        last_enc, last_dec = len(run.model.encoder.layers) - 1, len(run.model.decoder.layers) - 1
+        maps = {
+            "encoder_self": (modules[f"encoder.layers.{last_enc}.self_attn"], src_labels,
+                             src_labels),
+            "decoder_self": (modules[f"decoder.layers.{last_dec}.self_attn"], tgt_labels,
+                             tgt_labels),
+            "cross": (modules[f"decoder.layers.{last_dec}.cross_attn"], src_labels, tgt_labels),
+        }
+        for name, (module, keys, queries) in maps.items():
+            run.logger.attention_map(f"attention/{name}", module.last_weights[0, 0], keys,
+                                     queries, run.state.step)
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints and resume
+# ----------------------------------------------------------------------------------------
+
+
+def save(run: Run, best: bool = False) -> None:
+    """checkpoint_last.pt, a numbered copy (the last keep_last kept) and, if best,
+    checkpoint_best.pt; each written atomically."""
+    state = checkpoint_state(run)
+    directory = run.checkpoint_dir
+    save_checkpoint(state, directory / f"checkpoint_{run.state.step}.pt")
+    save_checkpoint(state, directory / "checkpoint_last.pt")
+    if best:
+        save_checkpoint(state, directory / "checkpoint_best.pt")
+    prune_checkpoints(directory, run.cfg.trainer.keep_last)
+
+
+def checkpoint_state(run: Run) -> dict[str, Any]:
+    data = run.data
+    joint = data.src_tokenizer is data.tgt_tokenizer
+    return {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "step": run.state.step,
+        "train_state": asdict(run.state),
+        "rng": rng_state(),
+        "config": OmegaConf.to_container(run.cfg, resolve=True),
+        "tokenizer": {"src": data.src_tokenizer.to_str(),
+                      "tgt": None if joint else data.tgt_tokenizer.to_str()},
+        "vocab_size": {"src": data.src_tokenizer.vocab_size, "tgt": data.tgt_tokenizer.vocab_size},
+    }
+
+
+def read_step(run: Run) -> int:
+    return read_checkpoint(run.checkpoint_dir / "checkpoint_last.pt")["step"]
+
+
+def find_resume(resume: str, run_dir: Path) -> dict[str, Any] | None:
+    """trainer.resume: never | auto (this run directory's newest valid checkpoint, if any)
+    | a checkpoint file or run directory."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = latest_valid_checkpoint(run_dir / "checkpoints")
+        if found is None:
+            log.info("trainer.resume=auto: no checkpoint in %s, starting fresh", run_dir)
+            return None
+        log.info("resuming from %s", found[0])
+        return found[1]
+    log.info("resuming from %s", resume)
+    return read_checkpoint(resume)
+
+
+def restore(run: Run, checkpoint: dict[str, Any]) -> None:
+    try:
+        run.model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise CheckpointError(f"the checkpoint does not fit this model config: {error}"
+                              ) from error
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    run.scaler.load_state_dict(checkpoint["scaler"])
+    run.state = TrainState(**checkpoint["train_state"])
+    set_rng_state(checkpoint["rng"])
+    log.info("resumed at step %d (epoch %d, batch %d)", run.state.step, run.state.epoch,
+             run.state.batch_in_epoch)
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------
+
+
+def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
+    """model.d_model=..., optim.lr=...: the keys a sweep varies, for the HParams table."""
+    flat = {}
+    for group in ("model", "optim", "sched", "data"):
+        for key, value in OmegaConf.to_container(cfg[group], resolve=True).items():
+            if value is None or isinstance(value, (int, float, str, bool)):
+                flat[f"{group}.{key}"] = "None" if value is None else value
+    for key in ("max_steps", "grad_accum", "clip_norm", "label_smoothing", "seed"):
+        flat[f"trainer.{key}"] = cfg.trainer[key] if cfg.trainer[key] is not None else "None"
+    return flat
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+def measure_flops_per_token(run: Run, output: StepOutput) -> float:
+    """Forward+backward FLOPs per target token, counted once on a copy of the batch shape
+    (torch.utils.flop_counter); used for train/mfu."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    split = run.data.splits[run.cfg.data.train_split]
+    batch = collate(split, list(range(min(32, len(split.src_ids))))).to(run.device)
+    counter = FlopCounterMode(display=False)
+    with counter, run.precision.autocast():
+        loss, _ = batch_loss(run.model, batch, run.cfg.trainer.label_smoothing)
+        loss.backward()
+    run.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch.n_tgt_tokens
