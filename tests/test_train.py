@@ -137,3 +137,24 @@ def test_invalid_override_fails_before_training(override, key, multi30k_dir, dat
     assert result.returncode != 0
     assert key in result.stderr + result.stdout
     assert not list(run_dir.rglob("*.pt"))
+
+
+def test_optuna_search_runs_trials(multi30k_dir, data_cache, tmp_path):
+    sweep_dir = tmp_path / "optuna"
+    result = run_train(["hparams_search=lr_warmup", "debug=fast", "hydra.sweeper.n_trials=2",
+                        "trainer.max_steps=4", "trainer.val_every_steps=4",
+                        "trainer.val_max_sentences=4", f"hydra.sweep.dir={sweep_dir}"],
+                       multi30k_dir, data_cache, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (sweep_dir / "optimization_results.yaml").exists()
+    assert (sweep_dir / "1" / "checkpoints" / "checkpoint_last.pt").exists()
+
+
+def test_every_config_composes():
+    """Each option of each group composes against the typed schema and validates."""
+    from transformer.config import validate
+
+    for group in ("model", "data", "optim", "sched", "experiment", "debug"):
+        for option in sorted((REPO / "configs" / group).glob("*.yaml")):
+            cfg = compose_config([f"{group}={option.stem}"])
+            validate(cfg)
