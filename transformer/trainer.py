@@ -31,6 +31,7 @@ from transformer.config import DataConfig
 from transformer.config import validate as validate_config
 from transformer.data import (
     Batch,
+    DataError,
     EncodedSplit,
     TokenBatchSampler,
     TranslationData,
@@ -147,6 +148,7 @@ class Run:
     logger: NullLogger
     state: TrainState = field(default_factory=TrainState)
     flops_per_token: float | None = None
+    saved_step: int | None = None  # the step of the newest checkpoint written
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -182,6 +184,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
               precision.grad_scaler(), NullLogger())
     if resume_state is not None:
         restore(run, resume_state)
+        run.saved_step = run.state.step
     if cfg.logger.tensorboard:
         # A resumed run purges events past its checkpoint and continues the same curves.
         purge = run.state.step + 1 if resume_state is not None else None
@@ -198,6 +201,8 @@ def fit(run: Run) -> None:
     sampler = TokenBatchSampler(
         [len(s) + 1 for s in train_split.src_ids], [len(t) + 1 for t in train_split.tgt_ids],
         run.cfg.data.max_tokens, run.cfg.data.max_sentences, shuffle=True, seed=cfg.seed)
+    if len(sampler) == 0:
+        raise DataError(f"split {run.cfg.data.train_split!r} has no pairs left to train on")
     meter, progress = Meter(), Progress(cfg.max_steps, state.step)
     while not finished(run):
         batches = epoch_batches(run, sampler, train_split)
@@ -215,8 +220,7 @@ def fit(run: Run) -> None:
             if cfg.val_every_steps is None:
                 validate_and_save(run)
     progress.close()
-    if not run.checkpoint_dir.joinpath("checkpoint_last.pt").exists() or \
-            read_step(run) != state.step:
+    if run.saved_step != state.step:
         save(run)
     log.info("done: step %d, best %s %s; checkpoints in %s", state.step,
              run.cfg.trainer.best_metric, state.best, run.checkpoint_dir)
@@ -447,6 +451,7 @@ def save(run: Run, best: bool = False) -> None:
     if best:
         save_checkpoint(state, directory / "checkpoint_best.pt")
     prune_checkpoints(directory, run.cfg.trainer.keep_last)
+    run.saved_step = run.state.step
 
 
 def checkpoint_state(run: Run) -> dict[str, Any]:
@@ -465,10 +470,6 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
                       "tgt": None if joint else data.tgt_tokenizer.to_str()},
         "vocab_size": {"src": data.src_tokenizer.vocab_size, "tgt": data.tgt_tokenizer.vocab_size},
     }
-
-
-def read_step(run: Run) -> int:
-    return read_checkpoint(run.checkpoint_dir / "checkpoint_last.pt")["step"]
 
 
 def find_resume(resume: str, run_dir: Path) -> dict[str, Any] | None:
