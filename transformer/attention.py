@@ -48,7 +48,17 @@ class MultiHeadAttention(nn.Module):
 
     def project_kv(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         """Step 1 for keys and values: (B, Tk, d) -> two (B, h, Tk, d_k)."""
+        if key is value:
+            return self.project_together(key, [self.k_proj, self.v_proj])
         return self.split_heads(self.k_proj(key)), self.split_heads(self.v_proj(value))
+
+    def project_together(self, x: Tensor, projections: list[nn.Linear]) -> tuple[Tensor, ...]:
+        """Several projections of the same x in one matrix product (fewer, larger products
+        run faster): (B, T, d) -> one (B, h, T, d_k) each."""
+        weight = torch.cat([p.weight for p in projections])  # (n * d, d)
+        bias = None if projections[0].bias is None else torch.cat([p.bias for p in projections])
+        out = F.linear(x, weight, bias)  # (B, T, n * d)
+        return tuple(self.split_heads(y) for y in out.split(self.d_model, dim=-1))
 
     def forward(
         self,
@@ -59,6 +69,9 @@ class MultiHeadAttention(nn.Module):
         need_weights: bool = False,
         is_causal: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
+        if query is key and key is value:  # self-attention: q, k and v in one product
+            q, k, v = self.project_together(query, [self.q_proj, self.k_proj, self.v_proj])
+            return self.attend(query, k, v, mask, need_weights, is_causal, q=q)
         k, v = self.project_kv(key, value)
         return self.attend(query, k, v, mask, need_weights, is_causal)
 
@@ -70,11 +83,13 @@ class MultiHeadAttention(nn.Module):
         mask: Tensor | None = None,
         need_weights: bool = False,
         is_causal: bool = False,
+        q: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Attend with already projected keys/values ``(B, h, Tk, d_k)`` (the decoder's cache
         passes its stored ones). ``is_causal``: the Tq queries are the last Tq of the Tk
-        positions, and none may see a later one."""
-        q = self.split_heads(self.q_proj(query))  # (B, h, Tq, d_k)
+        positions, and none may see a later one. ``q``: the queries, if already projected."""
+        if q is None:
+            q = self.split_heads(self.q_proj(query))  # (B, h, Tq, d_k)
         if is_causal:
             causal = causal_mask(q.size(2), k.size(2), q.device)
             mask = causal if mask is None else mask & causal

@@ -8,6 +8,7 @@ the number of target tokens of the whole (possibly accumulated) batch.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -26,3 +27,95 @@ def label_smoothed_cross_entropy(
     smooth = -lprobs.mean(dim=-1)  # (N,) cross-entropy against the uniform distribution
     loss = (1.0 - epsilon) * nll + epsilon * smooth
     return loss.masked_fill(~keep, 0.0).sum(), nll.masked_fill(~keep, 0.0).sum()
+
+
+def linear_label_smoothed_cross_entropy(
+    hidden: Tensor, weight: Tensor, target: Tensor, epsilon: float = 0.1,
+    ignore_index: int = 0, chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``label_smoothed_cross_entropy(hidden @ weight.T, target, ...)`` without ever holding
+    the whole (N, V) logits: hidden (N, d), weight (V, d) (the output projection), target
+    (N,) -> (smoothed loss sum, nll sum), float32 scalars; only the loss is differentiable.
+
+    The rows go through in chunks of ``chunk_size`` (default: about ``CHUNK_BYTES`` of
+    float32 logits). A chunk's logits give its loss and, at once, its gradient, which is
+    folded into the gradients of ``hidden`` and ``weight`` and kept for the backward pass;
+    then the chunk is freed. Under autocast the products run in the autocast dtype and the
+    log-softmax in float32, as in ``label_smoothed_cross_entropy``.
+    """
+    device_type = hidden.device.type
+    compute_dtype = (torch.get_autocast_dtype(device_type)
+                     if torch.is_autocast_enabled(device_type) else hidden.dtype)
+    if chunk_size is None:
+        rows = CHUNK_BYTES[device_type == "cuda"] // (4 * weight.size(0))
+        chunk_size = max(64, rows // 64 * 64)
+    with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(hidden, weight, target, epsilon, ignore_index,
+                                     chunk_size, compute_dtype, with_grad)
+
+
+# float32 logits per chunk (CPU, CUDA): on the CPU a chunk stays in the cache; on the GPU
+# it is large enough to keep the matrix units busy.
+CHUNK_BYTES = (1 << 22, 1 << 28)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, target: Tensor, epsilon: float,
+                ignore_index: int, chunk_size: int, compute_dtype: torch.dtype,
+                with_grad: bool) -> tuple[Tensor, Tensor]:
+        # The softmax and the sums in float32 at least (float64 stays float64).
+        dtype = torch.promote_types(compute_dtype, torch.float32)
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, w = hidden.to(compute_dtype), weight.to(compute_dtype)  # (N, d), (V, d)
+            keep = target.ne(ignore_index).to(dtype).unsqueeze(1)  # (N, 1)
+            loss_sum = torch.zeros((), device=h.device, dtype=dtype)
+            nll_sum = torch.zeros_like(loss_sum)  # a tensor of its own: not differentiable
+            grad_hidden = torch.empty_like(h) if with_grad else None
+            grad_weight = None
+            for start in range(0, target.size(0), chunk_size):
+                rows = slice(start, start + chunk_size)
+                lprobs = torch.log_softmax(h[rows] @ w.T, dim=1, dtype=dtype)  # (C, V)
+                t = target[rows].unsqueeze(1)  # (C, 1)
+                nll = -lprobs.gather(1, t) * keep[rows]  # (C, 1)
+                smooth = -lprobs.mean(dim=1, keepdim=True) * keep[rows]  # vs uniform
+                loss_sum = loss_sum + ((1.0 - epsilon) * nll + epsilon * smooth).sum()
+                nll_sum = nll_sum + nll.sum()
+                if with_grad:
+                    grad = smoothed_softmax_grad(lprobs, t, epsilon).to(compute_dtype)
+                    # Ignored rows: their gradient rows are zeroed in (C, d), not (C, V).
+                    h_kept = h[rows] * keep[rows].to(compute_dtype)  # (C, d)
+                    torch.mm(grad, w, out=grad_hidden[rows])  # (C, d)
+                    grad_hidden[rows] *= keep[rows].to(compute_dtype)
+                    grad_weight = add_product(grad_weight, grad.T, h_kept, dtype)  # (V, d)
+        if with_grad:
+            if grad_weight is None:  # no rows at all
+                grad_weight = torch.zeros_like(w, dtype=dtype)
+            ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.mark_non_differentiable(nll_sum)
+        ctx.input_dtypes = hidden.dtype, weight.dtype
+        return loss_sum, nll_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, grad_nll: Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.input_dtypes
+        return ((grad_hidden * grad_loss).to(hidden_dtype),
+                (grad_weight * grad_loss).to(weight_dtype), None, None, None, None, None, None)
+
+
+def smoothed_softmax_grad(lprobs: Tensor, target: Tensor, epsilon: float) -> Tensor:
+    """d loss / d logits of one row's smoothed loss: ``softmax - (1 - eps) one_hot - eps/V``,
+    computed in place over ``lprobs`` (C, V); target (C, 1)."""
+    grad = lprobs.exp_().sub_(epsilon / lprobs.size(1))
+    return grad.scatter_add_(1, target, grad.new_full(target.shape, epsilon - 1.0))
+
+
+def add_product(total: Tensor | None, a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """``total + a @ b`` in ``dtype``, inside the matrix product when the dtypes allow
+    (``out=`` rather than ``addmm_``, which ``torch.utils.flop_counter`` does not count)."""
+    if total is None:
+        return (a @ b).to(dtype)
+    if a.dtype == dtype:
+        return torch.addmm(total, a, b, out=total)
+    return total.add_(a @ b)

@@ -1,0 +1,266 @@
+"""The speed levers compute what the plain code computes: the chunked output projection
+and loss, the fused q/k/v projection, and the sync-free skip of non-finite steps, each
+against the straightforward computation (float64 on the CPU; bf16 on CUDA, ``gpu``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from transformer import MultiHeadAttention, Transformer
+from transformer.config import OptimConfig, SchedConfig
+from transformer.layers import Dropout
+from transformer.loss import label_smoothed_cross_entropy, linear_label_smoothed_cross_entropy
+from transformer.optim import build_optimizer, build_scheduler
+from transformer.precision import Precision
+from transformer.trainer import batch_loss, train_step
+
+PAD = 0
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def reference_loss(logits: Tensor, target: Tensor, epsilon: float) -> tuple[Tensor, Tensor]:
+    """The smoothed loss written out in float64, independent of the code under test."""
+    lprobs = logits.double().log_softmax(dim=-1)  # (N, V)
+    keep = target.ne(PAD)
+    nll = -lprobs.gather(1, target[:, None]).squeeze(1)
+    smooth = -lprobs.mean(dim=-1)
+    loss = (1 - epsilon) * nll + epsilon * smooth
+    return loss[keep].sum(), nll[keep].sum()
+
+
+def loss_and_grads(loss_fn, hidden: Tensor, weight: Tensor, target: Tensor, epsilon: float):
+    hidden, weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    loss, nll = loss_fn(hidden, weight, target, epsilon)
+    (loss * 0.37).backward()  # any upstream factor, as the 1 / n_tokens of the trainer
+    return loss.detach(), nll.detach(), hidden.grad, weight.grad
+
+
+def random_problem(N: int, d: int, V: int, dtype=torch.float64, device="cpu", seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, d, generator=generator, dtype=torch.float64)
+    weight = torch.randn(V, d, generator=generator, dtype=torch.float64) / d**0.5
+    target = torch.randint(1, V, (N,), generator=generator)
+    target[torch.randperm(N, generator=generator)[: N // 4]] = PAD  # padding positions
+    return hidden.to(device, dtype), weight.to(device, dtype), target.to(device)
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.1, 0.3])
+@pytest.mark.parametrize("chunk_size", [1, 5, 37, 64, None])
+def test_linear_loss_matches_float64_reference(epsilon, chunk_size):
+    hidden, weight, target = random_problem(N=37, d=8, V=19, seed=chunk_size or 0)
+
+    def fused(h, w, t, eps):
+        return linear_label_smoothed_cross_entropy(h, w, t, eps, PAD, chunk_size)
+
+    def plain(h, w, t, eps):
+        return reference_loss(h @ w.T, t, eps)
+
+    for got, expected in zip(loss_and_grads(fused, hidden, weight, target, epsilon),
+                             loss_and_grads(plain, hidden, weight, target, epsilon),
+                             strict=True):
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_linear_loss_equals_the_plain_loss_in_float32():
+    hidden, weight, target = random_problem(N=50, d=16, V=300, dtype=torch.float32)
+
+    def fused(h, w, t, eps):
+        return linear_label_smoothed_cross_entropy(h, w, t, eps, PAD, chunk_size=7)
+
+    def plain(h, w, t, eps):
+        return label_smoothed_cross_entropy(h @ w.T, t, eps, PAD)
+
+    for got, expected in zip(loss_and_grads(fused, hidden, weight, target, 0.1),
+                             loss_and_grads(plain, hidden, weight, target, 0.1), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_loss_without_grad_keeps_nothing():
+    hidden, weight, target = random_problem(N=20, d=8, V=11)
+    hidden.requires_grad_()
+    with torch.no_grad():
+        loss, nll = linear_label_smoothed_cross_entropy(hidden, weight, target, 0.1, PAD, 3)
+    expected_loss, expected_nll = reference_loss(hidden @ weight.T, target, 0.1)
+    torch.testing.assert_close(loss, expected_loss)
+    torch.testing.assert_close(nll, expected_nll)
+    assert not loss.requires_grad
+
+
+def test_linear_loss_under_cpu_bf16_autocast_is_close_to_the_plain_one():
+    hidden, weight, target = random_problem(N=64, d=32, V=500, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loss_and_grads(lambda h, w, t, e: linear_label_smoothed_cross_entropy(
+            h, w, t, e, PAD, 16), hidden, weight, target, 0.1)
+        expected = loss_and_grads(lambda h, w, t, e: label_smoothed_cross_entropy(
+            F.linear(h, w), t, e, PAD), hidden, weight, target, 0.1)
+    for a, b in zip(got, expected, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
+
+
+@dataclass
+class Batch:
+    src_tokens: Tensor
+    tgt_input: Tensor
+    tgt_output: Tensor
+    n_tgt_tokens: int
+
+
+def tiny_model_and_batch(dtype=torch.float64, device="cpu") -> tuple[Transformer, Batch]:
+    torch.manual_seed(0)
+    model = Transformer(31, 31, d_model=16, n_heads=2, n_encoder_layers=2, n_decoder_layers=2,
+                        d_ff=32, dropout=0.0, share_embeddings="all").to(device, dtype)
+    src = torch.randint(3, 31, (3, 7))
+    src[0, 5:] = PAD
+    tgt = torch.randint(3, 31, (3, 6))
+    tgt[1, 4:] = PAD
+    tgt_input = torch.cat([torch.ones(3, 1, dtype=torch.long), tgt[:, :-1]], dim=1)
+    batch = Batch(src.to(device), tgt_input.to(device), tgt.to(device), int(tgt.ne(PAD).sum()))
+    return model, batch
+
+
+def test_batch_loss_and_gradients_equal_the_logits_path():
+    """The trainer's chunked loss, tied embeddings and all, against logits + plain loss."""
+    model, batch = tiny_model_and_batch()
+    loss, nll = batch_loss(model, batch, 0.1)
+    loss.backward()
+    fused_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(batch.src_tokens, batch.tgt_input)
+    expected, expected_nll = reference_loss(logits.flatten(0, 1), batch.tgt_output.flatten(), 0.1)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(nll, expected_nll, rtol=1e-10, atol=1e-12)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(fused_grads[name], p.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_fused_qkv_projection_equals_three_products():
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(24, 3).double()
+    x = torch.randn(2, 5, 24, dtype=torch.float64)
+    fused = mha(x, x, x, is_causal=True)  # one product for q, k, v
+    separate = mha(x, x.clone(), x.clone(), is_causal=True)  # three products
+    torch.testing.assert_close(fused, separate, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_cpu_dropout_keeps_the_distribution(p):
+    torch.manual_seed(0)
+    dropout = Dropout(p)
+    x = torch.ones(200_000, requires_grad=True)
+    y = dropout(x)
+    kept = y.ne(0)
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.01
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / (1 - p)))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())  # the gradient goes through the mask
+    assert dropout.eval()(x) is x
+
+
+def make_step(fused: bool, device: str = "cpu"):
+    model, batch = tiny_model_and_batch(torch.float32, device)
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-3, fused=fused), torch.device(device))
+    scheduler = build_scheduler(optimizer, SchedConfig(warmup_steps=2), 100)
+    precision = Precision.resolve("fp32", torch.device(device))
+
+    def step(b: Batch = batch):
+        return train_step(model, [b], optimizer, scheduler, precision.grad_scaler(), precision,
+                          1.0, 0.1)
+    return model, batch, optimizer, step
+
+
+def poison_and_snapshot(model: Transformer, optimizer: torch.optim.Optimizer):
+    """Put a nan into one weight (the next loss and gradients are nan), then copy the
+    parameters and the optimizer state."""
+    with torch.no_grad():
+        model.decoder.layers[0].feed_forward.linear1.weight[0, 0] = float("nan")
+    params = [p.detach().clone() for p in model.parameters()]
+    states = [{k: v.clone() for k, v in optimizer.state[p].items()} for p in model.parameters()]
+    return params, states
+
+
+def assert_unchanged(model: Transformer, optimizer: torch.optim.Optimizer, params, states):
+    for before, p in zip(params, model.parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), before, rtol=0, atol=0, equal_nan=True)
+    for before, p in zip(states, model.parameters(), strict=True):
+        for key, value in before.items():
+            torch.testing.assert_close(optimizer.state[p][key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_non_finite_step_is_skipped_exactly(fused):
+    """With fused AdamW the skip needs no host sync; parameters and optimizer state must
+    stay exactly as they were, as on the synchronising path."""
+    model, _, optimizer, step = make_step(fused)
+    step()
+    params, states = poison_and_snapshot(model, optimizer)
+    assert not bool(step().finite)
+    assert_unchanged(model, optimizer, params, states)
+    assert not hasattr(optimizer, "found_inf")
+
+
+# ---------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+@cuda
+def test_linear_loss_bf16_on_cuda_is_close_to_float64():
+    hidden, weight, target = random_problem(N=1000, d=64, V=5000, dtype=torch.float32,
+                                            device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = loss_and_grads(lambda h, w, t, e: linear_label_smoothed_cross_entropy(
+            h, w, t, e, PAD, 256), hidden, weight, target, 0.1)
+    expected = loss_and_grads(lambda h, w, t, e: reference_loss(h @ w.T, t, e),
+                              hidden.double(), weight.double(), target, 0.1)
+    for a, b in zip(got, expected, strict=True):
+        relative = (a.double() - b).norm() / b.norm()
+        assert relative < 1e-2, relative
+
+
+@pytest.mark.gpu
+@cuda
+def test_fused_attention_equals_explicit_in_bf16_on_cuda():
+    from transformer.attention import explicit_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(4, 8, 64, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    mask = torch.rand(4, 1, 1, 64, device="cuda") > 0.3
+    mask[..., 0] = True
+    for kwargs, explicit_mask in [({"is_causal": True}, torch.ones(64, 64, dtype=torch.bool,
+                                                                   device="cuda").tril()),
+                                  ({"attn_mask": mask}, mask)]:
+        fast = F.scaled_dot_product_attention(q, k, v, **kwargs)
+        slow, _ = explicit_attention(q.double(), k.double(), v.double(), explicit_mask)
+        assert ((fast.double() - slow).norm() / slow.norm()) < 1e-2
+
+
+@pytest.mark.gpu
+@cuda
+def test_sync_free_skip_on_cuda():
+    model, _, optimizer, step = make_step(True, "cuda")
+    step()
+    params, states = poison_and_snapshot(model, optimizer)
+    assert not bool(step().finite)
+    assert_unchanged(model, optimizer, params, states)
+
+
+@pytest.mark.gpu
+@cuda
+def test_compiled_step_matches_eager_on_cuda():
+    losses = []
+    for compile in (False, True):
+        model, batch, optimizer, _ = make_step(True, "cuda")
+        precision = Precision.resolve("bf16", torch.device("cuda"))
+        scheduler = build_scheduler(optimizer, SchedConfig(warmup_steps=2), 100)
+        loss_fn = torch.compile(batch_loss) if compile else batch_loss
+        outputs = [train_step(model, [batch], optimizer, scheduler, precision.grad_scaler(),
+                              precision, 1.0, 0.1, loss_fn) for _ in range(3)]
+        losses.append(torch.stack([o.loss_sum for o in outputs]))
+    torch.testing.assert_close(losses[0], losses[1], rtol=2e-2, atol=1e-2)
