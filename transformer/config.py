@@ -73,7 +73,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-9
     weight_decay: float = 0.0
-    fused: bool | None = None  # None: fused on CUDA
+    fused: bool | None = None  # None: fused where torch has the kernel (CUDA, CPU)
 
 
 @dataclass

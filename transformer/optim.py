@@ -13,8 +13,9 @@ from transformer.config import OptimConfig, SchedConfig
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device
                     ) -> torch.optim.Optimizer:
-    """AdamW (or Adam) with the paper's betas and epsilon; the fused kernel on CUDA."""
-    fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
+    """AdamW (or Adam) with the paper's betas and epsilon; the fused kernel by default (CUDA
+    and CPU: one kernel for all parameters, and a non-finite step skipped without a sync)."""
+    fused = cfg.fused if cfg.fused is not None else device.type in ("cuda", "cpu")
     optimizer_class = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
     return optimizer_class(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                            weight_decay=cfg.weight_decay, fused=fused)

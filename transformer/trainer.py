@@ -141,7 +141,7 @@ class Run:
     precision: Precision
     data: TranslationData
     model: Transformer
-    step_model: nn.Module  # the model, or its torch.compile'd wrapper
+    loss_fn: Callable  # batch_loss, or torch.compile(batch_loss) with trainer.compile
     optimizer: torch.optim.Optimizer
     scheduler: LambdaLR
     scaler: torch.amp.GradScaler
@@ -149,6 +149,7 @@ class Run:
     state: TrainState = field(default_factory=TrainState)
     flops_per_token: float | None = None
     saved_step: int | None = None  # the step of the newest checkpoint written
+    pending_finite: list[tuple[int, Tensor]] = field(default_factory=list)  # unchecked steps
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -179,8 +180,9 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     log.info("model: %s parameters", f"{count_parameters(model):,}")
     optimizer = build_optimizer(model, cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.sched, cfg.trainer.max_steps)
-    step_model = torch.compile(model) if cfg.trainer.compile else model
-    run = Run(cfg, run_dir, device, precision, data, model, step_model, optimizer, scheduler,
+    # Compiling the loss function compiles forward, loss and backward of the model together.
+    loss_fn = torch.compile(batch_loss) if cfg.trainer.compile else batch_loss
+    run = Run(cfg, run_dir, device, precision, data, model, loss_fn, optimizer, scheduler,
               precision.grad_scaler(), NullLogger())
     if resume_state is not None:
         restore(run, resume_state)
@@ -207,8 +209,9 @@ def fit(run: Run) -> None:
     while not finished(run):
         batches = epoch_batches(run, sampler, train_split)
         for micro_batches in grouped(batches, cfg.grad_accum):
-            output = train_step(run.step_model, micro_batches, run.optimizer, run.scheduler,
-                                run.scaler, run.precision, cfg.clip_norm, cfg.label_smoothing)
+            output = train_step(run.model, micro_batches, run.optimizer, run.scheduler,
+                                run.scaler, run.precision, cfg.clip_norm, cfg.label_smoothing,
+                                run.loss_fn)
             state.step += 1
             state.batch_in_epoch += len(micro_batches)
             meter.add(output)
@@ -245,7 +248,18 @@ def epoch_batches(run: Run, sampler: TokenBatchSampler, split: EncodedSplit) -> 
     else:
         index_lists = sampler.batches(state.epoch, start=state.batch_in_epoch)
     for indices in index_lists:
-        yield collate(split, indices).to(run.device)
+        yield to_device(collate(split, indices), run.device)
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """On a GPU, copy from pinned memory without blocking: the host prepares the next batch
+    while the GPU works."""
+    if device.type != "cuda":
+        return batch
+    pinned = Batch(batch.src_tokens.pin_memory(), batch.tgt_input.pin_memory(),
+                   batch.tgt_output.pin_memory(), batch.indices, batch.n_src_tokens,
+                   batch.n_tgt_tokens)
+    return pinned.to(device, non_blocking=True)
 
 
 def grouped(batches: Iterator[Batch], size: int) -> Iterator[list[Batch]]:
@@ -264,8 +278,12 @@ def after_step(run: Run, output: StepOutput, meter: Meter, progress: Progress) -
     cfg, state = run.cfg.trainer, run.state
     if run.flops_per_token is None and run.device.type == "cuda":
         run.flops_per_token = measure_flops_per_token(run, output)
-    check_finite(run, output)
+    run.pending_finite.append((state.step, output.finite))
     progress.update(state.step)
+    checkpoint_due = state.step % cfg.save_every_steps == 0 or (
+        cfg.val_every_steps and state.step % cfg.val_every_steps == 0)
+    if state.step % cfg.log_every_steps == 0 or checkpoint_due or finished(run):
+        check_finite(run)
     if state.step % cfg.log_every_steps == 0:
         metrics = meter.summary(run)
         run.logger.scalars(metrics, state.step)
@@ -276,22 +294,30 @@ def after_step(run: Run, output: StepOutput, meter: Meter, progress: Progress) -
         save(run)
 
 
-def check_finite(run: Run, output: StepOutput) -> None:
-    """Count non-finite steps (they were skipped by train_step); stop after too many."""
-    state = run.state
-    if bool(output.finite):
-        state.skipped_in_a_row = 0
+def check_finite(run: Run) -> None:
+    """Count the non-finite steps since the last check (train_step skipped their updates);
+    stop after too many in a row. Called at log, validation and save points only: reading
+    the flags is a host sync, which every step would pay on a GPU."""
+    state, pending = run.state, run.pending_finite
+    if not pending:
         return
-    state.skipped_steps += 1
-    state.skipped_in_a_row += 1
-    run.logger.scalars({"train/skipped_steps": state.skipped_steps}, state.step)
-    log.warning("step %d: non-finite loss or gradients, update skipped (%d in a row)",
-                state.step, state.skipped_in_a_row)
-    if state.skipped_in_a_row >= run.cfg.trainer.max_skipped_steps:
-        raise FloatingPointError(
-            f"{state.skipped_in_a_row} steps in a row had non-finite loss or gradients "
-            f"(step {state.step}); lower optim.lr, raise sched.warmup_steps, or use "
-            "trainer.precision=bf16/fp32")
+    flags = torch.stack([finite for _, finite in pending]).tolist()
+    steps = [step for step, _ in pending]
+    pending.clear()
+    for step, finite in zip(steps, flags, strict=True):
+        if finite:
+            state.skipped_in_a_row = 0
+            continue
+        state.skipped_steps += 1
+        state.skipped_in_a_row += 1
+        run.logger.scalars({"train/skipped_steps": state.skipped_steps}, step)
+        log.warning("step %d: non-finite loss or gradients, update skipped (%d in a row)",
+                    step, state.skipped_in_a_row)
+        if state.skipped_in_a_row >= run.cfg.trainer.max_skipped_steps:
+            raise FloatingPointError(
+                f"{state.skipped_in_a_row} steps in a row had non-finite loss or gradients "
+                f"(step {step}); lower optim.lr, raise sched.warmup_steps, or use "
+                "trainer.precision=bf16/fp32")
 
 
 class Meter:
