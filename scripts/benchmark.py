@@ -194,19 +194,11 @@ def peer_step(model: nn.Module, batch: Batch, optimizer, scheduler, scaler, prec
     optimizer.zero_grad(set_to_none=True)
 
 
-def plain_batch_loss(model: nn.Module, batch: Batch, label_smoothing: float, pad_id: int = PAD
-                     ) -> tuple[Tensor, Tensor]:
-    """The unfused way (the peers' way): the whole (B*T, V) logits, then the loss."""
-    logits = model(batch.src_tokens, batch.tgt_input)  # (B, T, V)
-    return label_smoothed_cross_entropy(logits.flatten(0, 1), batch.tgt_output.flatten(),
-                                        label_smoothing, pad_id)
-
-
 @dataclass
 class Variant:
     """Our step with one lever changed, to measure what that lever is worth."""
 
-    loss_fn: Callable = trainer.batch_loss
+    loss_fn: Callable | None = None  # None: the trainer's choice (trainer.choose_loss_fn)
     fused_adamw: bool | None = None  # None: as OptimConfig says (fused on CUDA)
     sync: bool = False  # one host sync a step (the `if finite:` check without fused AdamW)
     separate_qkv: bool = False  # three products for q, k, v instead of one
@@ -216,7 +208,8 @@ class Variant:
 
 OURS_VARIANTS = {
     "ours": Variant(),  # exactly what the trainer runs
-    "ours-plain-loss": Variant(loss_fn=plain_batch_loss),
+    "ours-plain-loss": Variant(loss_fn=trainer.logits_batch_loss),
+    "ours-chunked-loss": Variant(loss_fn=trainer.batch_loss),
     "ours-sync": Variant(sync=True),
     "ours-separate-qkv": Variant(separate_qkv=True),
     "ours-native-dropout": Variant(native_dropout=True),
@@ -273,9 +266,11 @@ def build_system(name: str, p: Preset, batch: Batch, device: torch.device, compi
 
         # As the trainer does with trainer.compile=true: forward, loss and backward of the
         # whole step in one compiled graph.
-        compiled = torch.compile(variant.loss_fn, mode=variant.compile_mode)
-        return System(name, model, our_step(compiled if compile else variant.loss_fn),
-                      our_step(variant.loss_fn))
+        eager_fn = variant.loss_fn or trainer.choose_loss_fn(device, compile=False)
+        compiled_fn = variant.loss_fn or trainer.choose_loss_fn(device, compile=True)
+        compiled = torch.compile(compiled_fn, mode=variant.compile_mode)
+        return System(name, model, our_step(compiled if compile else eager_fn),
+                      our_step(eager_fn))
 
     model = PEERS[name](p).to(device).train()
     # The textbook optimizer: fused where PyTorch recommends it (CUDA).

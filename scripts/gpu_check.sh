@@ -36,7 +36,7 @@ tail -n 3 "$OUT/tests.log"
 
 # 2. eager: ours, each lever switched off in turn, the peers; beam search against generate()
 stage eager 120 "$PYTHON" scripts/benchmark.py --preset "$PRESET" --decode \
-  --systems ours,ours-plain-loss,ours-sync,ours-separate-qkv,ours-foreach-adamw,torch,marian \
+  --systems ours,ours-chunked-loss,ours-sync,ours-separate-qkv,ours-foreach-adamw,torch,marian \
   --json "$OUT/eager.json"
 
 # 3. torch.compile for every system (ours compiles forward, loss and backward together;

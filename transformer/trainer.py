@@ -40,7 +40,7 @@ from transformer.data import (
 )
 from transformer.decoding import translate_ids
 from transformer.logging import NullLogger, TensorBoardLogger
-from transformer.loss import linear_label_smoothed_cross_entropy
+from transformer.loss import label_smoothed_cross_entropy, linear_label_smoothed_cross_entropy
 from transformer.model import Transformer, build_model, count_parameters, keep_attention_weights
 from transformer.optim import build_optimizer, build_scheduler
 from transformer.precision import Precision, resolve_device
@@ -68,6 +68,21 @@ def batch_loss(model: nn.Module, batch, label_smoothing: float, pad_id: int = 0
     return linear_label_smoothed_cross_entropy(
         states.flatten(0, 1), model.output_projection.weight, batch.tgt_output.flatten(),
         label_smoothing, pad_id)
+
+
+def logits_batch_loss(model: nn.Module, batch, label_smoothing: float, pad_id: int = 0
+                      ) -> tuple[Tensor, Tensor]:
+    """The same loss through the whole (B*T, V) logits: fewer, larger kernels."""
+    logits = model(batch.src_tokens, batch.tgt_input)  # (B, T, V)
+    return label_smoothed_cross_entropy(logits.flatten(0, 1), batch.tgt_output.flatten(),
+                                        label_smoothing, pad_id)
+
+
+def choose_loss_fn(device: torch.device, compile: bool) -> Callable:
+    """The faster loss path, as measured by scripts/benchmark.py (docs/benchmarks.md): on
+    a GPU without compile the whole-logits path wins (its kernels are few and large); with
+    torch.compile, and on the CPU, the chunked one wins and holds far less memory."""
+    return logits_batch_loss if device.type == "cuda" and not compile else batch_loss
 
 
 def train_step(model: nn.Module, micro_batches: Sequence, optimizer: torch.optim.Optimizer,
@@ -181,7 +196,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     optimizer = build_optimizer(model, cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.sched, cfg.trainer.max_steps)
     # Compiling the loss function compiles forward, loss and backward of the model together.
-    loss_fn = torch.compile(batch_loss) if cfg.trainer.compile else batch_loss
+    loss_fn = choose_loss_fn(device, cfg.trainer.compile)
+    loss_fn = torch.compile(loss_fn) if cfg.trainer.compile else loss_fn
     run = Run(cfg, run_dir, device, precision, data, model, loss_fn, optimizer, scheduler,
               precision.grad_scaler(), NullLogger())
     if resume_state is not None:
