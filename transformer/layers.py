@@ -91,14 +91,15 @@ class DecoderLayer(nn.Module):
     def masked_self_attention(self, x: Tensor, cache: LayerCache | None) -> Tensor:
         if cache is None:
             return self.self_attn(x, x, x, is_causal=True)
-        k, v = self.self_attn.project_kv(x, x)  # (B, h, T_new, d_k)
-        if cache.self_k is not None:
+        attn = self.self_attn
+        q, k, v = attn.project_together(x, [attn.q_proj, attn.k_proj, attn.v_proj])
+        if cache.self_k is not None:  # k, v: (B, h, T_new, d_k)
             k = torch.cat([cache.self_k, k], dim=2)  # (B, h, T_past + T_new, d_k)
             v = torch.cat([cache.self_v, v], dim=2)
         cache.self_k, cache.self_v = k, v
         # A single new token may see everything cached; several new ones see the past and
         # the new ones up to themselves.
-        return self.self_attn.attend(x, k, v, is_causal=x.size(1) > 1)
+        return attn.attend(x, k, v, is_causal=x.size(1) > 1, q=q)
 
     def cross_attention(self, x: Tensor, memory: Tensor, memory_mask: Tensor | None,
                         cache: LayerCache | None) -> Tensor:
