@@ -43,15 +43,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformer import trainer  # noqa: E402
 from transformer.attention import MultiHeadAttention  # noqa: E402
 from transformer.config import OptimConfig, SchedConfig  # noqa: E402
+from transformer.decoding import beam_search  # noqa: E402
 from transformer.layers import Dropout  # noqa: E402
 from transformer.loss import label_smoothed_cross_entropy  # noqa: E402
 from transformer.model import Transformer  # noqa: E402
 from transformer.optim import build_optimizer, build_scheduler  # noqa: E402
 from transformer.positional import sinusoids  # noqa: E402
-from transformer.precision import Precision  # noqa: E402
+from transformer.precision import Precision, resolve_device  # noqa: E402
 
 PAD, BOS, EOS = 0, 1, 2
-DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # FLOP/s, no sparsity
 
 
 @dataclass
@@ -335,11 +335,9 @@ def measured_matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
 
 def device_peak(device: torch.device, precision: str) -> tuple[float, str]:
     """(FLOP/s, where the figure comes from) used for utilisation."""
-    if device.type == "cuda" and precision in ("bf16", "fp16"):
-        name = torch.cuda.get_device_name(device)
-        for card, peak in DENSE_BF16_PEAK.items():
-            if card in name:
-                return peak, f"{card} dense {precision} datasheet"
+    datasheet = trainer.peak_flops(device) if precision in ("bf16", "fp16") else None
+    if datasheet is not None:  # the trainer's table, so train/mfu and this agree
+        return datasheet, f"{torch.cuda.get_device_name(device)} dense {precision} datasheet"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     peak = measured_matmul_peak(device, dtype)
     return peak, f"measured {precision} matmul"
@@ -435,14 +433,9 @@ def measure_decoding(p: Preset, device: torch.device, beam: int, repeats: int = 
 
     torch.manual_seed(0)
     ours = build_ours(p).to(device).eval()
-    try:
-        from transformer.decoding import beam_search
-    except ImportError:
-        log("decoding ours: transformer.decoding.beam_search is missing, skipped")
-    else:
-        timed("ours beam_search", lambda: beam_search(
-            ours, src, beam=beam, lenpen=1.0, max_len_a=0.0, max_len_b=L, min_len=L,
-            bos_id=BOS, eos_id=EOS, pad_id=PAD, early_stopping=True))
+    timed("ours beam_search", lambda: beam_search(
+        ours, src, beam=beam, lenpen=1.0, max_len_a=0.0, max_len_b=L, min_len=L,
+        bos_id=BOS, eos_id=EOS, pad_id=PAD, early_stopping=True))
     try:
         marian = Marian(p).marian.to(device).eval()
     except ImportError:
@@ -535,8 +528,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     p = PRESETS[args.preset]
     p = replace(p, steps=args.steps or p.steps, rounds=args.rounds or p.rounds,
                 warmup=p.warmup if args.warmup is None else args.warmup)
-    device = torch.device(args.device if args.device != "auto"
-                          else "cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"CPU {platform.machine()}, {torch.get_num_threads()} threads")
     peak, peak_source = device_peak(device, p.precision)
@@ -558,8 +550,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         save(rows)
     if args.decode:
         report["decoding"] = measure_decoding(p, device, args.beam)
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2))
+        save(rows)
     print(format_table([report]))
     return report
 
