@@ -3,6 +3,7 @@
     python train.py model=base optim.lr=7e-4           # one run, in outputs/<date>/<time>/
     python train.py -m model.n_layers=3,6              # a sweep, in multirun/<date>/<time>/
     python train.py debug=fast                         # a few dozen steps of a tiny model
+    torchrun --standalone --nproc_per_node=4 train.py  # data-parallel on 4 GPUs (DDP)
     tensorboard --logdir outputs                       # the curves
 
 Configs live in configs/ (train.yaml lists the groups); the loop lives in
@@ -21,9 +22,11 @@ from omegaconf import DictConfig
 from transformer.checkpoint import CheckpointError
 from transformer.config import ConfigError, register_configs
 from transformer.data import DataError
+from transformer.distributed import register_run_stamp_resolver
 from transformer.trainer import train
 
 register_configs()
+register_run_stamp_resolver()
 log = logging.getLogger("transformer")
 
 

@@ -32,9 +32,11 @@ class ModelConfig:
     norm_first: bool = False  # False: the paper's post-norm
     share_embeddings: str = "none"  # none | decoder | all
     activation: str = "relu"  # relu | gelu | silu
-    positional: str = "sinusoidal"  # sinusoidal | learned
+    positional: str = "sinusoidal"  # sinusoidal | sinusoidal_concat (Marian's) | learned
     max_len: int = 1024
     pad_id: int = 0
+    scale_embedding: bool = True  # multiply embeddings by sqrt(d_model), section 3.4
+    output_bias: bool = False  # a bias on the logits (imported Marian models have one)
 
 
 @dataclass
@@ -105,6 +107,7 @@ class TrainerConfig:
     val_beam: int = 1  # 1: greedy translations for val/bleu
     max_skipped_steps: int = 10  # consecutive non-finite steps before giving up
     overfit_batches: int = 0  # >0: train on only this many batches (debug=overfit)
+    dist_timeout_s: int = 1800  # torchrun: a rank waiting longer on the others fails
 
 
 @dataclass
@@ -150,7 +153,7 @@ class ConfigError(ValueError):
 CHOICES = {
     "model.share_embeddings": ("none", "decoder", "all"),
     "model.activation": ("relu", "gelu", "silu"),
-    "model.positional": ("sinusoidal", "learned"),
+    "model.positional": ("sinusoidal", "sinusoidal_concat", "learned"),
     "data.source": ("multi30k", "parallel_files", "hub"),
     "optim.name": ("adamw", "adam"),
     "sched.name": ("inverse_sqrt", "cosine", "constant"),

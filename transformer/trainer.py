@@ -16,6 +16,7 @@ import numpy as np
 import sacrebleu
 import torch
 from omegaconf import DictConfig, OmegaConf
+from sacrebleu.metrics import BLEU
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
@@ -38,7 +39,22 @@ from transformer.data import (
     collate,
     prepare_data,
 )
-from transformer.decoding import translate_ids
+from transformer.decoding import evaluating, translate_ids
+from transformer.distributed import (
+    SINGLE_PROCESS,
+    Distributed,
+    LossModule,
+    barrier,
+    check_in_step,
+    gather,
+    gradient_sync,
+    init_distributed,
+    main_first,
+    maybe_inject_fault,
+    shutdown,
+    sum_over_ranks,
+    wrap_for_training,
+)
 from transformer.logging import NullLogger, TensorBoardLogger
 from transformer.loss import label_smoothed_cross_entropy, linear_label_smoothed_cross_entropy
 from transformer.model import Transformer, build_model, count_parameters, keep_attention_weights
@@ -53,7 +69,7 @@ class StepOutput:
 
     loss_sum: Tensor  # label-smoothed loss summed over target tokens
     nll_sum: Tensor
-    n_tokens: int  # target tokens, all micro-batches together
+    n_tokens: int | Tensor  # target tokens, all micro-batches (and ranks) together
     grad_norm: Tensor  # before clipping
     finite: Tensor  # False when the loss or a gradient was inf/nan (the step was skipped)
 
@@ -63,6 +79,8 @@ def batch_loss(model: nn.Module, batch, label_smoothing: float, pad_id: int = 0
     """Teacher-forced (loss sum, nll sum) of one batch. The output projection and the loss
     run together, chunk by chunk, so that the (B*T, V) float32 logits never exist whole
     (``linear_label_smoothed_cross_entropy``; docs/benchmarks.md has what it saves)."""
+    if model.output_projection.bias is not None:  # the chunked kernel takes no bias (Marian)
+        return logits_batch_loss(model, batch, label_smoothing, pad_id)
     memory, src_padding_mask = model.encode(batch.src_tokens)
     states = model.decode_states(batch.tgt_input, memory, src_padding_mask)  # (B, T, d)
     return linear_label_smoothed_cross_entropy(
@@ -88,18 +106,28 @@ def choose_loss_fn(device: torch.device, compile: bool) -> Callable:
 def train_step(model: nn.Module, micro_batches: Sequence, optimizer: torch.optim.Optimizer,
                scheduler, scaler: torch.amp.GradScaler, precision: Precision,
                clip_norm: float | None, label_smoothing: float,
-               loss_fn: Callable = batch_loss) -> StepOutput:
+               loss_fn: Callable = batch_loss, ddp: Distributed = SINGLE_PROCESS) -> StepOutput:
     """Forward, label-smoothed loss, backward over each micro-batch (gradient accumulation),
     then unscale, clip and one optimizer step. The loss is normalised by the target tokens
     of all micro-batches, so accumulation equals one big batch. ``loss_fn``: ``batch_loss``
-    or ``torch.compile(batch_loss)``, which compiles forward, loss and backward together."""
-    n_tokens = sum(batch.n_tgt_tokens for batch in micro_batches)
+    or ``torch.compile(batch_loss)``, which compiles forward, loss and backward together.
+    ``model``: the Transformer, or ``wrap_for_training``'s module (DDP over ``ddp``'s ranks;
+    its ``loss_fn`` and label smoothing then apply)."""
+    if not isinstance(model, (LossModule, nn.parallel.DistributedDataParallel)):
+        model = LossModule(model, loss_fn, label_smoothing)
+    n_tokens = step_tokens(micro_batches, ddp)
     loss_total = nll_total = torch.zeros((), device=micro_batches[0].src_tokens.device)
-    for batch in micro_batches:
-        with precision.autocast():
-            loss, nll = loss_fn(model, batch, label_smoothing)
-        scaler.scale(loss / n_tokens).backward()
+    for i, batch in enumerate(micro_batches):
+        # Gradients are all-reduced once per step, in the last micro-batch's backward.
+        with gradient_sync(model, sync=i == len(micro_batches) - 1):
+            with precision.autocast():
+                loss, nll = model(batch)
+            # DDP averages gradients over ranks; times world_size, the average is the
+            # gradient of the summed loss over all tokens of all ranks / those tokens.
+            scaler.scale(loss * ddp.world_size / n_tokens).backward()
         loss_total, nll_total = loss_total + loss.detach(), nll_total + nll.detach()
+    if ddp.enabled:  # the step's loss over all ranks, for logging and the finite check
+        loss_total, nll_total = sum_over_ranks(torch.stack([loss_total, nll_total]), ddp)
     scaler.unscale_(optimizer)
     max_norm = clip_norm if clip_norm else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
@@ -122,6 +150,16 @@ def train_step(model: nn.Module, micro_batches: Sequence, optimizer: torch.optim
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return StepOutput(loss_total, nll_total, n_tokens, grad_norm, finite)
+
+
+def step_tokens(micro_batches: Sequence, ddp: Distributed) -> int | Tensor:
+    """Target tokens of the step on all ranks: an int in one process; across ranks an
+    all-reduced tensor (kept on the device: no host sync)."""
+    n_tokens = sum(batch.n_tgt_tokens for batch in micro_batches)
+    if not ddp.enabled:
+        return n_tokens
+    device = micro_batches[0].src_tokens.device
+    return sum_over_ranks(torch.tensor(n_tokens, device=device, dtype=torch.float32), ddp)
 
 
 # ----------------------------------------------------------------------------------------
@@ -165,6 +203,8 @@ class Run:
     flops_per_token: float | None = None
     saved_step: int | None = None  # the step of the newest checkpoint written
     pending_finite: list[tuple[int, Tensor]] = field(default_factory=list)  # unchecked steps
+    ddp: Distributed = field(default_factory=Distributed)  # this process's rank, world size
+    train_module: nn.Module | None = None  # (loss, nll) = train_module(batch); DDP-wrapped
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -179,31 +219,41 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         fit(run)
     finally:
         run.logger.close()
+        shutdown()
     return run.state.best if run.state.best is not None else float("nan")
 
 
 def setup(cfg: DictConfig, run_dir: Path) -> Run:
     device = resolve_device(cfg.trainer.device)
+    ddp, device = init_distributed(device, cfg.trainer.dist_timeout_s)
     precision = Precision.resolve(cfg.trainer.precision, device)
     resume_state = find_resume(cfg.trainer.resume, run_dir)  # before any slow work
+    if resume_state is not None:
+        check_world_size(resume_state.get("world_size", 1), ddp.world_size)
     seed_everything(cfg.trainer.seed)
     data_cfg: DataConfig = OmegaConf.to_object(cfg.data)
-    data = prepare_data(data_cfg, splits=[data_cfg.train_split, data_cfg.valid_split],
-                        log=log.info)
+    with main_first(ddp):  # rank 0 tokenises and caches; the others then read the cache
+        data = prepare_data(data_cfg, splits=[data_cfg.train_split, data_cfg.valid_split],
+                            log=log.info)
     model = build_model(OmegaConf.to_object(cfg.model), data.src_tokenizer.vocab_size,
                         data.tgt_tokenizer.vocab_size).to(device)
     log.info("model: %s parameters", f"{count_parameters(model):,}")
+    if ddp.enabled:  # the same initial weights on all ranks, but different dropout masks
+        seed_everything(cfg.trainer.seed + ddp.rank)
     optimizer = build_optimizer(model, cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.sched, cfg.trainer.max_steps)
     # Compiling the loss function compiles forward, loss and backward of the model together.
     loss_fn = choose_loss_fn(device, cfg.trainer.compile)
     loss_fn = torch.compile(loss_fn) if cfg.trainer.compile else loss_fn
     run = Run(cfg, run_dir, device, precision, data, model, loss_fn, optimizer, scheduler,
-              precision.grad_scaler(), NullLogger())
+              precision.grad_scaler(), NullLogger(), ddp=ddp)
     if resume_state is not None:
         restore(run, resume_state)
         run.saved_step = run.state.step
-    if cfg.logger.tensorboard:
+    run.train_module = wrap_for_training(model, loss_fn, cfg.trainer.label_smoothing, ddp)
+    if device.type == "cuda":
+        run.flops_per_token = measure_flops_per_token(run)
+    if cfg.logger.tensorboard and ddp.is_main:
         # A resumed run purges events past its checkpoint and continues the same curves.
         purge = run.state.step + 1 if resume_state is not None else None
         run.logger = TensorBoardLogger(run_dir / "tb", purge_step=purge)
@@ -216,18 +266,20 @@ def fit(run: Run) -> None:
     max_epochs or early stopping."""
     cfg, state = run.cfg.trainer, run.state
     train_split = run.data.splits[run.cfg.data.train_split]
-    sampler = TokenBatchSampler(
-        [len(s) + 1 for s in train_split.src_ids], [len(t) + 1 for t in train_split.tgt_ids],
-        run.cfg.data.max_tokens, run.cfg.data.max_sentences, shuffle=True, seed=cfg.seed)
+    sampler = TokenBatchSampler.for_split(
+        train_split, run.cfg.data.max_tokens, max_sentences=run.cfg.data.max_sentences,
+        shuffle=True, seed=cfg.seed,
+        rank=run.ddp.rank, world_size=run.ddp.world_size)  # each rank its share of batches
     if len(sampler) == 0:
         raise DataError(f"split {run.cfg.data.train_split!r} has no pairs left to train on")
-    meter, progress = Meter(), Progress(cfg.max_steps, state.step)
+    meter, progress = Meter(), Progress(cfg.max_steps, state.step, run.ddp.is_main)
     while not finished(run):
         batches = epoch_batches(run, sampler, train_split)
         for micro_batches in grouped(batches, cfg.grad_accum):
-            output = train_step(run.model, micro_batches, run.optimizer, run.scheduler,
+            maybe_inject_fault(run.ddp.rank, state.step + 1)
+            output = train_step(run.train_module, micro_batches, run.optimizer, run.scheduler,
                                 run.scaler, run.precision, cfg.clip_norm, cfg.label_smoothing,
-                                run.loss_fn)
+                                run.loss_fn, run.ddp)
             state.step += 1
             state.batch_in_epoch += len(micro_batches)
             meter.add(output)
@@ -241,6 +293,9 @@ def fit(run: Run) -> None:
     progress.close()
     if run.saved_step != state.step:
         save(run)
+    if run.ddp.enabled:
+        log.info("parameters identical on all %d ranks (checksum %s)", run.ddp.world_size,
+                 check_in_step(run.model, run.ddp))
     log.info("done: step %d, best %s %s; checkpoints in %s", state.step,
              run.cfg.trainer.best_metric, state.best, run.checkpoint_dir)
     log.info("evaluate with: python evaluate.py checkpoint=%s",
@@ -292,15 +347,10 @@ def grouped(batches: Iterator[Batch], size: int) -> Iterator[list[Batch]]:
 
 def after_step(run: Run, output: StepOutput, meter: Meter, progress: Progress) -> None:
     cfg, state = run.cfg.trainer, run.state
-    if run.flops_per_token is None and run.device.type == "cuda":
-        run.flops_per_token = measure_flops_per_token(run, output)
     run.pending_finite.append((state.step, output.finite))
     progress.update(state.step)
-    checkpoint_due = state.step % cfg.save_every_steps == 0 or (
-        cfg.val_every_steps and state.step % cfg.val_every_steps == 0)
-    if state.step % cfg.log_every_steps == 0 or checkpoint_due or finished(run):
-        check_finite(run)
     if state.step % cfg.log_every_steps == 0:
+        check_finite(run)
         metrics = meter.summary(run)
         run.logger.scalars(metrics, state.step)
         progress.show(state.step, metrics)
@@ -351,12 +401,12 @@ class Meter:
         self.loss = self.loss + output.loss_sum
         self.nll = self.nll + output.nll_sum
         self.grad_norm = self.grad_norm + output.grad_norm
-        self.tokens += output.n_tokens
+        self.tokens = self.tokens + output.n_tokens
         self.steps += 1
 
     def summary(self, run: Run) -> dict[str, float]:
         seconds = time.perf_counter() - self.start
-        tokens = max(self.tokens, 1)
+        tokens = max(int(self.tokens), 1)
         nll = float(self.nll) / tokens
         metrics = {
             "train/loss": float(self.loss) / tokens,
@@ -364,7 +414,7 @@ class Meter:
             "train/ppl": math.exp(min(nll, 50.0)),
             "train/lr": run.optimizer.param_groups[0]["lr"],
             "train/grad_norm": float(self.grad_norm) / max(self.steps, 1),
-            "train/tokens_per_s": self.tokens / seconds,
+            "train/tokens_per_s": tokens / seconds,  # of all ranks together
         }
         peak = peak_flops(run.device)
         if run.flops_per_token and peak:
@@ -378,9 +428,9 @@ class Meter:
 class Progress:
     """A tqdm bar on a terminal; plain log lines otherwise (log files, SLURM)."""
 
-    def __init__(self, total: int, initial: int):
+    def __init__(self, total: int, initial: int, enabled: bool = True):
         self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, leave=False) \
-            if sys.stderr.isatty() else None
+            if enabled and sys.stderr.isatty() else None
 
     def update(self, step: int) -> None:
         if self.bar is not None:
@@ -400,7 +450,8 @@ class Progress:
 
 
 def validate_and_save(run: Run) -> None:
-    """Validate, keep the best checkpoint, count validations without improvement, save."""
+    """Validate, keep the best checkpoint, count validations without improvement, save.
+    Every rank gets the same metrics (validate sums over ranks), so all stop together."""
     metrics = validate(run)
     state, key = run.state, run.cfg.trainer.best_metric
     value = metrics[f"val/{key}"]
@@ -417,44 +468,66 @@ def validate_and_save(run: Run) -> None:
 @torch.inference_mode()
 def validate(run: Run) -> dict[str, float]:
     """val/loss and val/ppl teacher-forced over the whole val split; val/bleu from greedy
-    (or trainer.val_beam) translations; examples and attention maps to TensorBoard."""
-    model, cfg = run.model, run.cfg
-    split = run.data.splits[cfg.data.valid_split]
-    model.eval()
+    (or trainer.val_beam) translations; examples and attention maps to TensorBoard. Under
+    DDP each rank takes every world_size-th batch and sentence on the bare model; the sums
+    (loss, tokens, BLEU's n-gram counts) are added over ranks: the whole split's metrics."""
+    with evaluating(run.model):
+        return validation_metrics(run, run.data.splits[run.cfg.data.valid_split])
+
+
+def validation_metrics(run: Run, split: EncodedSplit) -> dict[str, float]:
+    model, cfg, ddp = run.model, run.cfg, run.ddp
     loss = nll = 0.0
     tokens = 0
-    sampler = TokenBatchSampler([len(s) + 1 for s in split.src_ids],
-                                [len(t) + 1 for t in split.tgt_ids],
-                                cfg.data.max_tokens, shuffle=False)
-    for indices in sampler.batches(0):
+    sampler = TokenBatchSampler.for_split(split, cfg.data.max_tokens, shuffle=False)
+    for indices in sampler.batches(0)[ddp.rank::ddp.world_size]:
         batch = collate(split, indices).to(run.device)
         with run.precision.autocast():
             batch_loss_sum, batch_nll = batch_loss(model, batch, cfg.trainer.label_smoothing)
         loss, nll, tokens = loss + batch_loss_sum, nll + batch_nll, tokens + batch.n_tgt_tokens
-    nll_per_token = float(nll) / tokens
-    metrics = {"val/loss": float(loss) / tokens, "val/nll_loss": nll_per_token,
+    sums = sum_over_ranks(torch.tensor([float(loss), float(nll), tokens], dtype=torch.float64,
+                                       device=run.device), ddp).tolist()
+    nll_per_token = sums[1] / sums[2]
+    metrics = {"val/loss": sums[0] / sums[2], "val/nll_loss": nll_per_token,
                "val/ppl": math.exp(min(nll_per_token, 50.0))}
     metrics["val/bleu"] = validation_bleu(run, split)
     run.logger.scalars(metrics, run.state.step)
-    if cfg.logger.attention_maps:
+    if cfg.logger.attention_maps and ddp.is_main:
         log_attention_maps(run, split)
-    model.train()
     return metrics
 
 
 def validation_bleu(run: Run, split: EncodedSplit) -> float:
+    """Corpus BLEU of the first val_max_sentences; under DDP each rank translates every
+    world_size-th sentence and the n-gram statistics are summed over ranks."""
     n = run.cfg.trainer.val_max_sentences or len(split.src_ids)
-    src_ids = [ids + [EOS_ID] for ids in split.src_ids[:n]]
-    with run.precision.autocast():
-        hypotheses = translate_ids(run.model, src_ids, beam=run.cfg.trainer.val_beam,
-                                   max_tokens=run.cfg.data.max_tokens)
-    hypotheses = run.data.tgt_tokenizer.decode_batch(hypotheses)
-    references = split.tgt_text[:n]
-    for i in range(min(run.cfg.logger.n_examples, n)):
-        run.logger.text(f"val/example_{i}", f"**source:** {split.src_text[i]}  \n"
-                        f"**reference:** {references[i]}  \n**hypothesis:** {hypotheses[i]}",
-                        run.state.step)
-    return sacrebleu.corpus_bleu(hypotheses, [references]).score
+    mine = range(run.ddp.rank, n, run.ddp.world_size)
+    src_ids = [split.src_ids[i] + [EOS_ID] for i in mine]
+    hypotheses = []
+    if src_ids:  # a rank can be left without sentences when there are fewer than ranks
+        with run.precision.autocast():
+            hypotheses = translate_ids(run.model, src_ids, beam=run.cfg.trainer.val_beam,
+                                       max_tokens=run.cfg.data.max_tokens)
+        hypotheses = run.data.tgt_tokenizer.decode_batch(hypotheses)
+    references = [split.tgt_text[i] for i in mine]
+    for example, i in enumerate(mine[:run.cfg.logger.n_examples]):
+        run.logger.text(f"val/example_{example}", f"**source:** {split.src_text[i]}  \n"
+                        f"**reference:** {references[example]}  \n"
+                        f"**hypothesis:** {hypotheses[example]}", run.state.step)
+    stats = bleu_statistics(hypotheses, references)
+    stats = sum_over_ranks(torch.tensor(stats, dtype=torch.float64, device=run.device),
+                           run.ddp).long().tolist()
+    return BLEU.compute_bleu(correct=stats[0:4], total=stats[4:8], sys_len=stats[8],
+                             ref_len=stats[9], smooth_method="exp").score
+
+
+def bleu_statistics(hypotheses: list[str], references: list[str]) -> list[int]:
+    """BLEU's sufficient statistics, which add up over parts of a corpus: matching and total
+    n-grams for n = 1..4, hypothesis and reference lengths (sacrebleu's defaults)."""
+    if not hypotheses:
+        return [0] * 10
+    score = sacrebleu.corpus_bleu(hypotheses, [references])
+    return [*score.counts, *score.totals, score.sys_len, score.ref_len]
 
 
 def log_attention_maps(run: Run, split: EncodedSplit) -> None:
@@ -485,28 +558,40 @@ def log_attention_maps(run: Run, split: EncodedSplit) -> None:
 
 def save(run: Run, best: bool = False) -> None:
     """checkpoint_last.pt, a numbered copy (the last keep_last kept) and, if best,
-    checkpoint_best.pt; each written atomically."""
-    state = checkpoint_state(run)
-    directory = run.checkpoint_dir
-    save_checkpoint(state, directory / f"checkpoint_{run.state.step}.pt")
-    save_checkpoint(state, directory / "checkpoint_last.pt")
-    if best:
-        save_checkpoint(state, directory / "checkpoint_best.pt")
-    prune_checkpoints(directory, run.cfg.trainer.keep_last)
+    checkpoint_best.pt; each written atomically, by rank 0. Every rank calls it: each
+    hands over its RNG state, so that a resume restores all ranks' dropout streams."""
+    check_finite(run)  # the saved counters include every step taken
+    rngs = gather(rng_state(), run.ddp)
     run.saved_step = run.state.step
+    if run.ddp.is_main:
+        state = checkpoint_state(run, rngs)
+        directory = run.checkpoint_dir
+        save_checkpoint(state, directory / f"checkpoint_{run.state.step}.pt")
+        save_checkpoint(state, directory / "checkpoint_last.pt")
+        if best:
+            save_checkpoint(state, directory / "checkpoint_best.pt")
+        prune_checkpoints(directory, run.cfg.trainer.keep_last)
+    # Once save returns on any rank the checkpoint is on disk: a rank that dies later (and
+    # takes the job down with it) cannot cut rank 0's writing short. The others would wait
+    # for rank 0 at the next step's all-reduce anyway.
+    barrier(run.ddp)
 
 
-def checkpoint_state(run: Run) -> dict[str, Any]:
+def checkpoint_state(run: Run, rngs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """What a checkpoint holds; ``rngs``: each rank's RNG state (default: this process's)."""
     data = run.data
     joint = data.src_tokenizer is data.tgt_tokenizer
+    rngs = rngs or [rng_state()]
     return {
-        "model": run.model.state_dict(),
+        "model": run.model.state_dict(),  # the bare model: no DDP "module." prefix
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict(),
         "step": run.state.step,
         "train_state": asdict(run.state),
-        "rng": rng_state(),
+        "rng": rngs[0],
+        "rng_per_rank": rngs,
+        "world_size": run.ddp.world_size,
         "config": OmegaConf.to_container(run.cfg, resolve=True),
         "tokenizer": {"src": data.src_tokenizer.to_str(),
                       "tgt": None if joint else data.tgt_tokenizer.to_str()},
@@ -540,9 +625,19 @@ def restore(run: Run, checkpoint: dict[str, Any]) -> None:
     run.scheduler.load_state_dict(checkpoint["scheduler"])
     run.scaler.load_state_dict(checkpoint["scaler"])
     run.state = TrainState(**checkpoint["train_state"])
-    set_rng_state(checkpoint["rng"])
+    set_rng_state(checkpoint.get("rng_per_rank", [checkpoint["rng"]])[run.ddp.rank])
     log.info("resumed at step %d (epoch %d, batch %d)", run.state.step, run.state.epoch,
              run.state.batch_in_epoch)
+
+
+def check_world_size(saved: int, current: int) -> None:
+    """An exact resume needs the same number of ranks: each rank's share of the batches,
+    its place in the epoch and its RNG stream all depend on it."""
+    if saved != current:
+        raise CheckpointError(
+            f"the checkpoint was trained by {saved} process(es) but this run has {current}: "
+            f"resume with the same torchrun --nnodes x --nproc_per_node (world size {saved}), "
+            "or start a new run (trainer.resume=never)")
 
 
 def rng_state() -> dict[str, Any]:
@@ -589,16 +684,21 @@ def peak_flops(device: torch.device) -> float | None:
     return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
 
 
-def measure_flops_per_token(run: Run, output: StepOutput) -> float:
-    """Forward+backward FLOPs per target token, counted once on a copy of the batch shape
-    (torch.utils.flop_counter); used for train/mfu."""
+def measure_flops_per_token(run: Run) -> float:
+    """Forward+backward FLOPs per target token, counted once before training on a batch of
+    the first 32 pairs (torch.utils.flop_counter); used for train/mfu. Its dropout draws
+    happen in a forked RNG, so a resumed run's random streams match an uninterrupted one."""
     from torch.utils.flop_counter import FlopCounterMode
 
     split = run.data.splits[run.cfg.data.train_split]
     batch = collate(split, list(range(min(32, len(split.src_ids))))).to(run.device)
     counter = FlopCounterMode(display=False)
-    with counter, run.precision.autocast():
-        loss, _ = batch_loss(run.model, batch, run.cfg.trainer.label_smoothing)
+    # Under DDP through the training module, without the gradient all-reduce (no real step).
+    module = run.train_module if run.ddp.enabled else LossModule(
+        run.model, batch_loss, run.cfg.trainer.label_smoothing)
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []), \
+            counter, run.precision.autocast(), gradient_sync(module, sync=False):
+        loss, _ = module(batch)
         loss.backward()
     run.optimizer.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch.n_tgt_tokens

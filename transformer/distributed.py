@@ -1,0 +1,215 @@
+"""Data-parallel training across processes: ``torchrun --nproc_per_node=N train.py ...``.
+
+torchrun starts one process per GPU (or CPU worker) and tells each its place through the
+environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``); without them training runs as one
+process and every function here is a no-op. Each rank trains on its own shard of the
+batches; DistributedDataParallel averages the gradients, and only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+log = logging.getLogger("transformer")
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in the job; ``Distributed()`` is a single-process run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes checkpoints, TensorBoard events and log lines."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+SINGLE_PROCESS = Distributed()
+
+
+def init_distributed(device: torch.device, timeout_s: float) -> tuple[Distributed,
+                                                                       torch.device]:
+    """Join the process group torchrun describes in the environment (NCCL on GPU, gloo on
+    CPU) and return this rank's place and device (``cuda:LOCAL_RANK`` on GPU). ``timeout_s``
+    bounds every collective, so a rank that waits for a dead peer fails instead of hanging."""
+    export_submitit_env()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed(), device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(seconds=timeout_s))
+    if rank != 0:  # one copy of each log line, from rank 0; warnings and errors from all
+        logging.getLogger("transformer").setLevel(logging.WARNING)
+    return Distributed(rank, world_size, local_rank), device
+
+
+def export_submitit_env() -> None:
+    """Under hydra-submitit-launcher (configs/hydra/launcher/submitit_slurm.yaml) SLURM
+    starts one task per rank without torchrun: export their places as torchrun would."""
+    several_tasks = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    if "RANK" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ or not several_tasks:
+        return
+    from submitit.helpers import TorchDistributedEnvironment  # installed with the plugin
+
+    TorchDistributedEnvironment().export()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(ddp: Distributed) -> None:
+    if ddp.enabled:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first(ddp: Distributed) -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. tokenising and caching the data), then the others
+    run it and find the work done: no rank repeats a slow preparation."""
+    if not ddp.is_main:
+        barrier(ddp)
+    yield
+    if ddp.is_main:
+        barrier(ddp)
+
+
+def sum_over_ranks(tensor: Tensor, ddp: Distributed) -> Tensor:
+    """The element-wise sum of ``tensor`` over all ranks (the tensor itself in one process)."""
+    if ddp.enabled:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def gather(value: Any, ddp: Distributed) -> list[Any]:
+    """Every rank's ``value``, in rank order, on every rank."""
+    if not ddp.enabled:
+        return [value]
+    values: list[Any] = [None] * ddp.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+class LossModule(nn.Module):
+    """``loss_fn(model, batch, label_smoothing)`` as a module's forward: DDP synchronises
+    gradients only for what runs through ``forward``, and the loss calls ``model.encode``
+    and ``model.decode_states`` rather than ``model(...)``."""
+
+    def __init__(self, model: nn.Module, loss_fn, label_smoothing: float):
+        super().__init__()
+        self.model, self.loss_fn, self.label_smoothing = model, loss_fn, label_smoothing
+
+    def forward(self, batch) -> tuple[Tensor, Tensor]:
+        return self.loss_fn(self.model, batch, self.label_smoothing)
+
+
+def wrap_for_training(model: nn.Module, loss_fn, label_smoothing: float, ddp: Distributed
+                      ) -> nn.Module:
+    """The module the training step calls: ``(loss sum, nll sum) = module(batch)``, wrapped
+    in DistributedDataParallel when there are several ranks. Validation, decoding and
+    checkpoints keep using the bare ``model`` (its state_dict has no ``module.`` prefix)."""
+    module = LossModule(model, loss_fn, label_smoothing)
+    # device_ids=None: batches are already on this rank's device, so DDP need not move them.
+    return DistributedDataParallel(module) if ddp.enabled else module
+
+
+def gradient_sync(module: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """``module.no_sync()`` on the micro-batches before the last of a step: gradients
+    accumulate locally and are all-reduced once, in the last backward."""
+    if sync or not isinstance(module, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return module.no_sync()
+
+
+def parameter_checksum(model: nn.Module) -> str:
+    """A short hash of all parameter bytes: equal on every rank while DDP keeps them in step."""
+    digest = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_in_step(model: nn.Module, ddp: Distributed) -> str:
+    """Compare the parameters of all ranks at the end of a run; raise if they drifted apart
+    (a bug: every rank must apply the same averaged gradients)."""
+    checksums = gather(parameter_checksum(model), ddp)
+    if len(set(checksums)) != 1:
+        raise RuntimeError(f"the ranks' parameters differ at the end of training: {checksums}")
+    return checksums[0]
+
+
+def maybe_inject_fault(rank: int, step: int) -> None:
+    """Tests only: ``TRANSFORMER_FAULT_RANK=r TRANSFORMER_FAULT_STEP=s`` kill rank r as it
+    starts step s, as a crashed GPU or node would, to check the job ends and does not hang."""
+    fault_rank, fault_step = (os.environ.get(f"TRANSFORMER_FAULT_{key}") for key in
+                              ("RANK", "STEP"))
+    if fault_rank is not None and int(fault_rank) == rank and int(fault_step) == step:
+        log.error("TRANSFORMER_FAULT_*: rank %d exits at step %d", rank, step)
+        os._exit(1)
+
+
+def run_stamp() -> str:
+    """The run directory's name under outputs/, identical in every rank of a torchrun job
+    (Hydra resolves ``${now:...}`` in each process, so ranks started a second apart would
+    each make their own directory):
+
+    - not under torchrun: ``<date>/<time>`` now, as Hydra's default;
+    - under torchrun with a run id (``--standalone`` draws one; ``--rdzv-id=$SLURM_JOB_ID``
+      keeps it across a requeue): ``torchrun/<run id>``;
+    - under torchrun without one (``none``): ``<date>/<time>`` of the torchrun agent's start,
+      the same for all ranks of one node (on several nodes, pass ``--rdzv-id``).
+    """
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id and run_id != "none":
+        return f"torchrun/{run_id}"
+    started = agent_start_time() if run_id else None
+    return time.strftime("%Y-%m-%d/%H-%M-%S", time.localtime(started))
+
+
+def agent_start_time() -> float | None:
+    """When the parent process (torchrun's agent) started, from /proc (Linux); else None.
+    Boot time plus start ticks: exact integers, so every child computes the same value."""
+    try:
+        stat = Path(f"/proc/{os.getppid()}/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None
+    return boot + ticks // os.sysconf("SC_CLK_TCK")
+
+
+def register_run_stamp_resolver() -> None:
+    """``${run_stamp:}`` in configs/train.yaml's hydra.run.dir."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("run_stamp"):
+        OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
