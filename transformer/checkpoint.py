@@ -136,7 +136,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
 
     from transformer.config import TrainConfig
     from transformer.model import build_model
-    from transformer.tokenizer import Tokenizer, TokenizerPair
 
     state = read_checkpoint(path)
     try:
@@ -150,7 +149,18 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
         model.load_state_dict(state["model"])
     except RuntimeError as error:
         raise CheckpointError(f"{path} does not match the model code: {error}") from error
-    src = Tokenizer.from_str(state["tokenizer"]["src"])
-    tgt = Tokenizer.from_str(state["tokenizer"]["tgt"]) if state["tokenizer"]["tgt"] else src
-    tokenizer = src if tgt is src else TokenizerPair(src, tgt)
-    return model.to(device).eval(), tokenizer, cfg
+    return model.to(device).eval(), read_tokenizer(state["tokenizer"]), cfg
+
+
+def read_tokenizer(stored: dict[str, Any]):
+    """The tokenizer of a checkpoint: ours (one, or a source/target pair), or an imported
+    Marian model's (``scripts/convert_marian.py``), which handles both sides."""
+    from transformer.tokenizer import Tokenizer, TokenizerPair
+
+    if stored.get("kind") == "marian":
+        from transformer.marian import MarianTokenizer
+
+        return MarianTokenizer.from_str(stored["src"])
+    src = Tokenizer.from_str(stored["src"])
+    tgt = Tokenizer.from_str(stored["tgt"]) if stored["tgt"] else src
+    return src if tgt is src else TokenizerPair(src, tgt)

@@ -27,13 +27,15 @@ SHARE_EMBEDDINGS = ("none", "decoder", "all")
 
 
 class Embedding(nn.Module):
-    """Token embeddings scaled by sqrt(d_model) (section 3.4), then positions (3.5)."""
+    """Token embeddings scaled by sqrt(d_model) (section 3.4; ``scale=False`` leaves them
+    unscaled, as some imported models expect), then positions (3.5)."""
 
-    def __init__(self, vocab_size: int, d_model: int, pad_id: int, positions: PositionalEncoding):
+    def __init__(self, vocab_size: int, d_model: int, pad_id: int, positions: PositionalEncoding,
+                 scale: bool = True):
         super().__init__()
         self.tokens = nn.Embedding(vocab_size, d_model, padding_idx=pad_id)
         self.positions = positions
-        self.scale = math.sqrt(d_model)
+        self.scale = math.sqrt(d_model) if scale else 1.0
 
     def forward(self, tokens: Tensor, offset: int = 0) -> Tensor:
         return self.positions(self.tokens(tokens) * self.scale, offset)  # (B, T, d)
@@ -105,6 +107,8 @@ class Transformer(nn.Module):
         positional: str = "sinusoidal",
         attention_dropout: float = 0.0,
         activation_dropout: float = 0.0,
+        scale_embedding: bool = True,
+        output_bias: bool = False,
     ):
         super().__init__()
         check_arguments(src_vocab_size, tgt_vocab_size, d_model, n_heads, dropout,
@@ -122,7 +126,7 @@ class Transformer(nn.Module):
 
         def embedding(vocab_size: int) -> Embedding:
             positions = PositionalEncoding(d_model, max_len, dropout, positional)
-            return Embedding(vocab_size, d_model, pad_id, positions)
+            return Embedding(vocab_size, d_model, pad_id, positions, scale_embedding)
 
         src_embedding, tgt_embedding = embedding(src_vocab_size), embedding(tgt_vocab_size)
         if share_embeddings == "all":
@@ -133,7 +137,8 @@ class Transformer(nn.Module):
         self.decoder = Decoder(tgt_embedding, [
             DecoderLayer(d_model, attention(), attention(), feed_forward(), dropout, norm_first)
             for _ in range(n_decoder_layers)], final_norm())
-        self.output_projection = nn.Linear(d_model, tgt_vocab_size, bias=False)
+        # output_bias: a bias on the logits (Marian's final_logits_bias), off in the paper.
+        self.output_projection = nn.Linear(d_model, tgt_vocab_size, bias=output_bias)
         self.reset_parameters()
         if share_embeddings in ("decoder", "all"):  # section 3.4: tie pre-softmax to embedding
             self.output_projection.weight = tgt_embedding.tokens.weight
@@ -210,6 +215,7 @@ def build_model(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) -> T
         share_embeddings=cfg.share_embeddings, pad_id=cfg.pad_id, max_len=cfg.max_len,
         activation=cfg.activation, positional=cfg.positional,
         attention_dropout=cfg.attention_dropout, activation_dropout=cfg.activation_dropout,
+        scale_embedding=cfg.scale_embedding, output_bias=cfg.output_bias,
     )
 
 
