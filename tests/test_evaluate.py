@@ -141,3 +141,17 @@ def test_missing_and_mismatched_checkpoints_give_clear_errors(tmp_path):
     (tmp_path / "truncated.pt").write_bytes((tmp_path / "a.pt").read_bytes()[:500])
     with pytest.raises(CheckpointError, match="truncated.pt is truncated or corrupt"):
         load_checkpoint(tmp_path / "truncated.pt")
+
+
+def test_linked_checkpoint_survives_pruning_of_its_source(tmp_path):
+    from transformer.checkpoint import link_checkpoint, prune_checkpoints
+
+    numbered = make_checkpoint(tmp_path / "checkpoint_5.pt")
+    make_checkpoint(tmp_path / "checkpoint_6.pt", seed=1)
+    link_checkpoint(numbered, tmp_path / "checkpoint_last.pt")
+    prune_checkpoints(tmp_path, keep_last=1)
+    assert not numbered.exists() and (tmp_path / "checkpoint_6.pt").exists()
+    kept = read_checkpoint(tmp_path / "checkpoint_last.pt")["model"]
+    expected = torch.load(tmp_path / "checkpoint_6.pt", weights_only=False)["model"]
+    assert any(not torch.equal(kept[k], expected[k]) for k in kept)  # it is step 5's
+    assert not list(tmp_path.glob(".*tmp*"))

@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,24 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
             torch.save({"format_version": FORMAT_VERSION, **state}, f)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write checkpoint {path}: {error.strerror or error}"
+                              ) from error
+
+
+def link_checkpoint(source: Path, path: Path) -> None:
+    """Make ``path`` hold the same checkpoint as ``source`` without writing it again: a hard
+    link (a copy where the file system has none), put in place atomically. Removing
+    ``source`` later (pruning) leaves ``path`` intact."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(source, tmp)
+        except OSError:  # no hard links here (some network and FAT file systems)
+            shutil.copyfile(source, tmp)
         os.replace(tmp, path)
     except OSError as error:
         tmp.unlink(missing_ok=True)

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from transformer.checkpoint import (
     CheckpointError,
     latest_valid_checkpoint,
+    link_checkpoint,
     prune_checkpoints,
     read_checkpoint,
     save_checkpoint,
@@ -566,10 +567,11 @@ def save(run: Run, best: bool = False) -> None:
     if run.ddp.is_main:
         state = checkpoint_state(run, rngs)
         directory = run.checkpoint_dir
-        save_checkpoint(state, directory / f"checkpoint_{run.state.step}.pt")
-        save_checkpoint(state, directory / "checkpoint_last.pt")
+        numbered = directory / f"checkpoint_{run.state.step}.pt"
+        save_checkpoint(state, numbered)  # serialised and written once ...
+        link_checkpoint(numbered, directory / "checkpoint_last.pt")  # ... and linked
         if best:
-            save_checkpoint(state, directory / "checkpoint_best.pt")
+            link_checkpoint(numbered, directory / "checkpoint_best.pt")
         prune_checkpoints(directory, run.cfg.trainer.keep_last)
     # Once save returns on any rank the checkpoint is on disk: a rank that dies later (and
     # takes the job down with it) cannot cut rank 0's writing short. The others would wait
