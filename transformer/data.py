@@ -656,7 +656,11 @@ class Batch:
         return len(self.indices)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        move = {name: getattr(self, name).to(device, non_blocking=non_blocking)
+        """On the device; ``non_blocking`` to a GPU copies from pinned memory, so that the
+        host can prepare the next batch while the GPU works."""
+        pin = non_blocking and str(device).startswith("cuda")  # torch is not imported here
+        move = {name: (getattr(self, name).pin_memory() if pin else getattr(self, name))
+                .to(device, non_blocking=non_blocking)
                 for name in ("src_tokens", "tgt_input", "tgt_output")}
         return Batch(**move, indices=self.indices, n_src_tokens=self.n_src_tokens,
                      n_tgt_tokens=self.n_tgt_tokens)

@@ -320,18 +320,7 @@ def epoch_batches(run: Run, sampler: TokenBatchSampler, split: EncodedSplit) -> 
     else:
         index_lists = sampler.batches(state.epoch, start=state.batch_in_epoch)
     for indices in index_lists:
-        yield to_device(collate(split, indices), run.device)
-
-
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    """On a GPU, copy from pinned memory without blocking: the host prepares the next batch
-    while the GPU works."""
-    if device.type != "cuda":
-        return batch
-    pinned = Batch(batch.src_tokens.pin_memory(), batch.tgt_input.pin_memory(),
-                   batch.tgt_output.pin_memory(), batch.indices, batch.n_src_tokens,
-                   batch.n_tgt_tokens)
-    return pinned.to(device, non_blocking=True)
+        yield collate(split, indices).to(run.device, non_blocking=True)
 
 
 def grouped(batches: Iterator[Batch], size: int) -> Iterator[list[Batch]]:
