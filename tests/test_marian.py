@@ -17,12 +17,19 @@ import torch
 transformers = pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")
 
-from transformer.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from transformer.config import EvalConfig  # noqa: E402
+from transformer.checkpoint import (  # noqa: E402
+    load_checkpoint,
+    read_checkpoint,
+    read_tokenizers,
+    save_checkpoint,
+)
+from transformer.config import DataConfig, EvalConfig, register_configs  # noqa: E402
+from transformer.data import prepare_data  # noqa: E402
 from transformer.decoding import beam_search, greedy_search, translate  # noqa: E402
 from transformer.evaluation import evaluate  # noqa: E402
 from transformer.marian import MarianConversionError, convert_marian  # noqa: E402
 from transformer.positional import sinusoids  # noqa: E402
+from transformer.trainer import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["the", "a", "dog", "cat", "runs", "sleeps", "on", "under", "big", "small", "red",
@@ -32,23 +39,29 @@ SOURCES = ["the dog runs", "a small red cat sleeps under the big green tree",
            "a man walks", "the child plays with a ball near the water on the street"]
 
 
-@pytest.fixture(scope="module")
-def spm_model() -> bytes:
-    """A SentencePiece model of 48 pieces, trained on random sentences of WORDS."""
-    rng = random.Random(0)
+def train_spm(vocab_size: int, seed: int) -> bytes:
+    """A SentencePiece model trained on random sentences of WORDS."""
+    rng = random.Random(seed)
     sentences = [" ".join(rng.choices(WORDS, k=rng.randint(3, 12))) for _ in range(500)]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model,
-                                   vocab_size=48, model_type="unigram", minloglevel=2)
+                                   vocab_size=vocab_size, model_type="unigram", minloglevel=2)
     return model.getvalue()
 
 
+@pytest.fixture(scope="module")
+def spm_model() -> bytes:
+    return train_spm(48, seed=0)
+
+
 def marian_directory(path: Path, spm_model: bytes, shared: bool, tied: bool = True,
-                     **options) -> Path:
-    """Save a random MarianMTModel and its MarianTokenizer, as OPUS-MT's look, in ``path``."""
+                     target_spm: bytes | None = None, **options) -> Path:
+    """Save a random MarianMTModel and its MarianTokenizer, as OPUS-MT's look, in ``path``;
+    the vocabulary is ``spm_model``'s pieces, ``target_spm`` (default: the same) splits
+    target-language text."""
     path.mkdir()
     (path / "source.spm").write_bytes(spm_model)
-    (path / "target.spm").write_bytes(spm_model)
+    (path / "target.spm").write_bytes(target_spm or spm_model)
     processor = spm.SentencePieceProcessor(model_proto=spm_model)
     pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
     # Marian's layout: </s> 0, <unk> 1, the pieces, <pad> last.
@@ -228,3 +241,107 @@ def test_script_reports_errors(tmp_path):
                              "--input", str(tmp_path), "--output", str(tmp_path / "out.pt")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "no config.json" in result.stderr
+
+
+# ------------------------------------------------------------------------- fine-tuning
+
+
+@pytest.fixture(scope="module")
+def fine_tuning(tmp_path_factory):
+    """(Hugging Face tokenizer, converted checkpoint, corpus folder) of a Marian model whose
+    target language has a SentencePiece model of its own, and a toy parallel corpus."""
+    root = tmp_path_factory.mktemp("fine_tune")
+    directory = marian_directory(root / "opus-mt", train_spm(48, seed=0), shared=False,
+                                 target_spm=train_spm(40, seed=1))
+    checkpoint = root / "converted.pt"
+    save_checkpoint(convert_marian(directory), checkpoint)
+    rng = random.Random(2)
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for split, n in [("train", 64), ("valid", 8)]:
+        sources = [" ".join(rng.choices(WORDS, k=rng.randint(2, 8))) for _ in range(n)]
+        (corpus / f"{split}.en").write_text("".join(f"{s}\n" for s in sources))
+        (corpus / f"{split}.de").write_text("".join(f"{' '.join(s.split()[::-1])}\n"
+                                                    for s in sources))
+    return transformers.MarianTokenizer.from_pretrained(directory), checkpoint, corpus
+
+
+def fine_tune_config(corpus: Path, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose("train", overrides=[
+            "data=parallel_files", f"data.root={corpus}", "data.test_splits=[]",
+            "data.max_len=60", "data.max_tokens=256", f"data.cache_dir={corpus.parent / 'cache'}",
+            "trainer.device=cpu", "trainer.val_every_steps=null", "trainer.log_every_steps=1",
+            "trainer.val_max_sentences=4", "logger.tensorboard=false", *overrides])
+
+
+def test_data_path_encodes_each_side_as_hugging_face(fine_tuning):
+    hf_tokenizer, checkpoint, corpus = fine_tuning
+    state = read_checkpoint(checkpoint)
+    cfg = DataConfig(source="parallel_files", root=str(corpus), valid_split="valid",
+                     test_splits=[], max_len=60, cache_dir=str(corpus.parent / "cache"))
+    data = prepare_data(cfg, ["train"], log=lambda _: None,
+                        given_tokenizers=read_tokenizers(state["tokenizer"]))
+    split = data.splits["train"]
+    to_marian = torch.tensor(
+        [hf_tokenizer.pad_token_id, hf_tokenizer.pad_token_id, 0, 1]
+        + [i for i in range(len(hf_tokenizer)) if i not in (hf_tokenizer.pad_token_id, 0, 1)])
+    for i in range(len(split)):
+        encoded = hf_tokenizer(split.src_text[i], text_target=split.tgt_text[i])
+        assert to_marian[list(split.src_ids[i]) + [2]].tolist() == encoded.input_ids
+        assert to_marian[list(split.tgt_ids[i]) + [2]].tolist() == encoded.labels
+    # The target SentencePiece model splits differently: the check above tells them apart.
+    assert any(hf_tokenizer(text).input_ids != hf_tokenizer(text_target=text).input_ids
+               for text in split.tgt_text)
+
+
+def test_train_resume_from_converted_starts_at_its_weights(fine_tuning, tmp_path):
+    _, checkpoint, corpus = fine_tuning
+    train(fine_tune_config(corpus, [f"trainer.resume={checkpoint}", "trainer.max_steps=0"]),
+          tmp_path)
+    saved = read_checkpoint(tmp_path / "checkpoints" / "checkpoint_last.pt")
+    converted = read_checkpoint(checkpoint)
+    assert saved["step"] == 0 and saved["tokenizer"] == converted["tokenizer"]
+    assert saved["config"]["model"] == converted["config"]["model"]
+    for name, tensor in converted["model"].items():
+        assert torch.equal(saved["model"][name], tensor), name
+    model, tokenizer, _ = load_checkpoint(tmp_path / "checkpoints" / "checkpoint_last.pt")
+    reference, reference_tokenizer, _ = load_checkpoint(checkpoint)
+    assert translate(model, tokenizer, SOURCES, beam=2) == \
+        translate(reference, reference_tokenizer, SOURCES, beam=2)
+
+
+def test_fine_tuning_a_converted_model_learns_and_resumes(fine_tuning, tmp_path):
+    _, checkpoint, corpus = fine_tuning
+    overrides = [f"trainer.init_from={checkpoint}", "optim.lr=1e-2", "sched.warmup_steps=1",
+                 "model.dropout=0.0", "trainer.save_every_steps=5"]
+    train(fine_tune_config(corpus, [*overrides, "trainer.max_steps=5"]), tmp_path)
+    first = read_checkpoint(tmp_path / "checkpoints" / "checkpoint_last.pt")
+    assert first["config"]["model"]["dropout"] == 0.0  # this run's regularisation ...
+    assert first["config"]["model"]["positional"] == "sinusoidal_concat"  # ... Marian's model
+    train(fine_tune_config(corpus, [*overrides, "trainer.max_steps=30", "trainer.resume=auto"]),
+          tmp_path)
+    last = read_checkpoint(tmp_path / "checkpoints" / "checkpoint_last.pt")
+    assert last["step"] == 30 and "optimizer" in last
+    model, tokenizer, _ = load_checkpoint(tmp_path / "checkpoints" / "checkpoint_last.pt")
+    start, _, _ = load_checkpoint(checkpoint)
+    data = prepare_data(DataConfig(source="parallel_files", root=str(corpus),
+                                   valid_split="valid", test_splits=[], max_len=60,
+                                   cache_dir=str(corpus.parent / "cache")),
+                        ["train"], log=lambda _: None,
+                        given_tokenizers=read_tokenizers(last["tokenizer"]))
+    assert nll(model, data.splits["train"]) < 0.5 * nll(start, data.splits["train"])
+
+
+def nll(model, split) -> float:
+    """Mean token negative log-likelihood of the first 16 pairs."""
+    from transformer.data import collate
+
+    batch = collate(split, list(range(16)))
+    with torch.no_grad():
+        logits = model(batch.src_tokens, batch.tgt_input)
+    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.tgt_output,
+                                             ignore_index=0).item()

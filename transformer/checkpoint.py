@@ -172,14 +172,34 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
 
 
 def read_tokenizer(stored: dict[str, Any]):
-    """The tokenizer of a checkpoint: ours (one, or a source/target pair), or an imported
-    Marian model's (``scripts/convert_marian.py``), which handles both sides."""
-    from transformer.tokenizer import Tokenizer, TokenizerPair
+    """The tokenizer of a checkpoint for translating: one object that encodes the source
+    and decodes the target (``translate`` takes it)."""
+    from transformer.tokenizer import TokenizerPair
+
+    src, tgt = read_tokenizers(stored)
+    if tgt is src or stored.get("kind") == "marian":  # Marian's source side decodes targets
+        return src
+    return TokenizerPair(src, tgt)
+
+
+def read_tokenizers(stored: dict[str, Any]):
+    """``(src, tgt)``: the tokenizers of a checkpoint's two sides, for the data path; one
+    object for both when they share a vocabulary. Ours, or an imported Marian model's
+    (``scripts/convert_marian.py``: SentencePiece, a model per language)."""
+    from transformer.tokenizer import Tokenizer
 
     if stored.get("kind") == "marian":
         from transformer.marian import MarianTokenizer
 
-        return MarianTokenizer.from_str(stored["src"])
+        src = MarianTokenizer.from_str(stored["src"])
+        return src, src.target_side()
     src = Tokenizer.from_str(stored["src"])
-    tgt = Tokenizer.from_str(stored["tgt"]) if stored["tgt"] else src
-    return src if tgt is src else TokenizerPair(src, tgt)
+    return src, Tokenizer.from_str(stored["tgt"]) if stored["tgt"] else src
+
+
+def tokenizer_entry(src, tgt) -> dict[str, Any]:
+    """What a checkpoint stores of the tokenizers ``(src, tgt)``; ``read_tokenizers``
+    reads it back."""
+    if getattr(src, "kind", None) == "marian":  # both sides live in one serialized object
+        return {"kind": "marian", "src": src.to_str(), "tgt": None}
+    return {"src": src.to_str(), "tgt": None if tgt is src else tgt.to_str()}

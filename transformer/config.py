@@ -96,6 +96,7 @@ class TrainerConfig:
     keep_last: int = 5
     seed: int = 1
     resume: str = "never"  # auto | never | <path to a checkpoint>
+    init_from: str | None = None  # fine-tune a checkpoint: its weights, model and tokenizer
     compile: bool = False
     grad_accum: int = 1
     clip_norm: float | None = 1.0

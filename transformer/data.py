@@ -401,16 +401,28 @@ def _stats_line(stats: SplitStats, vocab: str) -> str:
 # ----------------------------------------------------------------------------- preparing
 
 def prepare_data(cfg: DataConfig, splits: Sequence[str] | None = None,
-                 log: Callable[[str], Any] = print) -> TranslationData:
+                 log: Callable[[str], Any] = print,
+                 given_tokenizers: tuple[Any, Any] | None = None) -> TranslationData:
     """Read, tokenize, filter and encode ``splits`` (by default train, valid and test), from
-    the cache when the files and options are the same as in an earlier run."""
+    the cache when the files and options are the same as in an earlier run.
+    ``given_tokenizers``: ``(src, tgt)`` to use instead of training BPE on the train split
+    (fine-tuning a checkpoint keeps its tokenizer; ``data.vocab_size``, ``joint_vocab`` and
+    ``lowercase`` then do not apply)."""
     names = list(dict.fromkeys(splits or [cfg.train_split, cfg.valid_split, *cfg.test_splits]))
     corpus = open_corpus(cfg, names)
-    tokenizer_key = _hash(CACHE_VERSION, tokenizers.__version__, corpus.key(cfg.train_split),
-                          cfg.src_lang, cfg.tgt_lang, cfg.vocab_size, cfg.joint_vocab,
-                          cfg.lowercase)
+    if given_tokenizers is None:
+        tokenizer_key = _hash(CACHE_VERSION, tokenizers.__version__, corpus.key(cfg.train_split),
+                              cfg.src_lang, cfg.tgt_lang, cfg.vocab_size, cfg.joint_vocab,
+                              cfg.lowercase)
+    else:
+        tokenizer_key = _hash(CACHE_VERSION, "given", *[
+            (type(t).__name__, getattr(t, "side", None), t.to_str()) for t in given_tokenizers])
     cache = Path(cfg.cache_dir) / f"{cfg.source}-{cfg.src_lang}-{cfg.tgt_lang}-{tokenizer_key}"
-    tokenizer_pair = _tokenizers(cfg, corpus, cache, log)
+    if given_tokenizers is None:
+        tokenizer_pair = _tokenizers(cfg, corpus, cache, log)
+    else:
+        cache.mkdir(parents=True, exist_ok=True)
+        tokenizer_pair = given_tokenizers
     encoded = {name: _encoded_split(cfg, corpus, name, tokenizer_pair, cache, log)
                for name in names}
     return TranslationData(*tokenizer_pair, encoded, cache)

@@ -171,6 +171,7 @@ def convert_weights(weights: dict[str, Tensor], config: dict[str, Any], src_ids:
 def convert_marian(directory: str | Path) -> dict[str, Any]:
     """A checkpoint state (the trainer's format, step 0) for the Marian model in
     ``directory``; raise MarianConversionError saying what is missing or unsupported."""
+    from transformer.checkpoint import tokenizer_entry
     from transformer.model import build_model
 
     directory = Path(directory)
@@ -194,7 +195,7 @@ def convert_marian(directory: str | Path) -> dict[str, Any]:
                             data=DataConfig(max_len=min(256, cfg.max_len - 2)))
     return {"model": model.state_dict(), "step": 0,
             "config": OmegaConf.to_container(OmegaConf.structured(train_cfg)),
-            "tokenizer": {"kind": "marian", "src": tokenizer.to_str(), "tgt": None},
+            "tokenizer": tokenizer_entry(tokenizer, tokenizer.target_side()),
             "vocab_size": {"src": src_size + 1, "tgt": tgt_size + 1},
             "converted_from": str(directory)}
 
@@ -205,30 +206,46 @@ class MarianTokenizer:
     the pieces back, as Hugging Face's ``MarianTokenizer`` does (no Moses punctuation
     normalization). A leading language code such as ``>>fra<<`` stays one token."""
 
+    kind = "marian"  # how checkpoints name it (``transformer.checkpoint.tokenizer_entry``)
     pad_id, bos_id, eos_id, unk_id = PAD_ID, BOS_ID, EOS_ID, UNK_ID
 
     def __init__(self, source_spm: bytes, target_spm: bytes, src_pieces: list[str],
-                 tgt_pieces: list[str] | None = None) -> None:
+                 tgt_pieces: list[str] | None = None, side: str = "source") -> None:
         import sentencepiece
 
         self.source_spm, self.target_spm = source_spm, target_spm
         self.src_pieces = src_pieces  # our id -> piece
         self.tgt_pieces = tgt_pieces or src_pieces
+        self.side = side  # which language ``encode`` reads: "source", or "target" (training)
+        spm, self._pieces = (source_spm, self.src_pieces) if side == "source" else \
+            (target_spm, self.tgt_pieces)
+        self._encoder = sentencepiece.SentencePieceProcessor(model_proto=spm)
         # Hugging Face decodes with the source model unless the vocabularies are separate.
-        self._encoder = sentencepiece.SentencePieceProcessor(model_proto=source_spm)
         self._decoder = sentencepiece.SentencePieceProcessor(
             model_proto=target_spm if tgt_pieces else source_spm)
-        self._src_ids = {piece: i for i, piece in reversed(list(enumerate(src_pieces)))}
+        self._ids = {piece: i for i, piece in reversed(list(enumerate(self._pieces)))}
+
+    def target_side(self) -> MarianTokenizer:
+        """The same tokenizer encoding target-language text (with ``target.spm`` and the
+        target vocabulary), as Hugging Face's ``text_target=`` does: for training data."""
+        return MarianTokenizer(self.source_spm, self.target_spm, self.src_pieces,
+                               None if self.tgt_pieces is self.src_pieces else self.tgt_pieces,
+                               side="target")
 
     @property
     def vocab_size(self) -> int:
-        return len(self.src_pieces)
+        return len(self._pieces)
 
     def encode(self, text: str) -> list[int]:
         code = re.match(r">>[^<>]+<<", text)
         pieces = [code.group()] if code else []
         pieces += self._encoder.encode(text[code.end():] if code else text, out_type=str)
-        return [self._src_ids.get(piece, UNK_ID) for piece in pieces]
+        return [self._ids.get(piece, UNK_ID) for piece in pieces]
+
+    def id_tokens(self, ids: Sequence[int] | Any) -> list[str]:
+        """The piece of each id of this side (attention-map labels)."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        return [self._pieces[i] for i in ids]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(text) for text in texts]

@@ -27,9 +27,11 @@ from transformer.checkpoint import (
     link_checkpoint,
     prune_checkpoints,
     read_checkpoint,
+    read_tokenizers,
     save_checkpoint,
+    tokenizer_entry,
 )
-from transformer.config import DataConfig
+from transformer.config import ConfigError, DataConfig, ModelConfig, TrainerConfig
 from transformer.config import validate as validate_config
 from transformer.data import (
     Batch,
@@ -228,17 +230,23 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     device = resolve_device(cfg.trainer.device)
     ddp, device = init_distributed(device, cfg.trainer.dist_timeout_s)
     precision = Precision.resolve(cfg.trainer.precision, device)
-    resume_state = find_resume(cfg.trainer.resume, run_dir)  # before any slow work
+    init_state, resume_state = find_start(cfg.trainer, run_dir)  # before any slow work
     if resume_state is not None:
         check_world_size(resume_state.get("world_size", 1), ddp.world_size)
+    given_tokenizers = None
+    if init_state is not None:  # fine-tuning: the checkpoint's architecture and tokenizer
+        adopt_architecture(cfg, init_state["config"]["model"])
+        given_tokenizers = read_tokenizers(init_state["tokenizer"])
     seed_everything(cfg.trainer.seed)
     data_cfg: DataConfig = OmegaConf.to_object(cfg.data)
     with main_first(ddp):  # rank 0 tokenises and caches; the others then read the cache
         data = prepare_data(data_cfg, splits=[data_cfg.train_split, data_cfg.valid_split],
-                            log=log.info)
+                            log=log.info, given_tokenizers=given_tokenizers)
     model = build_model(OmegaConf.to_object(cfg.model), data.src_tokenizer.vocab_size,
                         data.tgt_tokenizer.vocab_size).to(device)
     log.info("model: %s parameters", f"{count_parameters(model):,}")
+    if init_state is not None and resume_state is None:
+        load_weights(model, init_state)
     if ddp.enabled:  # the same initial weights on all ranks, but different dropout masks
         seed_everything(cfg.trainer.seed + ddp.rank)
     optimizer = build_optimizer(model, cfg.optim, device)
@@ -571,7 +579,6 @@ def save(run: Run, best: bool = False) -> None:
 def checkpoint_state(run: Run, rngs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """What a checkpoint holds; ``rngs``: each rank's RNG state (default: this process's)."""
     data = run.data
-    joint = data.src_tokenizer is data.tgt_tokenizer
     rngs = rngs or [rng_state()]
     return {
         "model": run.model.state_dict(),  # the bare model: no DDP "module." prefix
@@ -584,10 +591,53 @@ def checkpoint_state(run: Run, rngs: list[dict[str, Any]] | None = None) -> dict
         "rng_per_rank": rngs,
         "world_size": run.ddp.world_size,
         "config": OmegaConf.to_container(run.cfg, resolve=True),
-        "tokenizer": {"src": data.src_tokenizer.to_str(),
-                      "tgt": None if joint else data.tgt_tokenizer.to_str()},
+        "tokenizer": tokenizer_entry(data.src_tokenizer, data.tgt_tokenizer),
         "vocab_size": {"src": data.src_tokenizer.vocab_size, "tgt": data.tgt_tokenizer.vocab_size},
     }
+
+
+def find_start(cfg: TrainerConfig, run_dir: Path
+               ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """``(init, resume)``: the checkpoint to fine-tune from (``trainer.init_from``: its
+    weights, architecture and tokenizer, with a new optimizer and schedule from step 0) and
+    the one to continue exactly (``trainer.resume``: the whole training state). A resume
+    checkpoint that holds weights only (converted by ``scripts/convert_marian.py``, or
+    averaged) is a fine-tuning start. With both, a run resumed from its own checkpoint keeps
+    the architecture and tokenizer of ``init_from``."""
+    resume = find_resume(cfg.resume, run_dir)
+    if resume is not None and "optimizer" not in resume:
+        if cfg.init_from is not None:
+            raise ConfigError(f"trainer.resume={cfg.resume} holds weights only, so it cannot "
+                              f"resume a run; with trainer.init_from={cfg.init_from}, use "
+                              "trainer.resume=auto or never")
+        log.info("trainer.resume=%s holds model weights only (an imported or averaged "
+                 "checkpoint): fine-tuning it from step 0 with a new optimizer", cfg.resume)
+        return resume, None
+    init = None
+    if cfg.init_from is not None:
+        init = read_checkpoint(cfg.init_from)
+        if resume is None:
+            log.info("fine-tuning %s (step %d of its run) from step 0 with a new optimizer",
+                     cfg.init_from, init["step"])
+    return init, resume
+
+
+def adopt_architecture(cfg: DictConfig, model_cfg: dict[str, Any]) -> None:
+    """Fine-tuning: ``cfg.model`` becomes the checkpoint's, except its dropouts, which stay
+    this run's (regularisation is a training choice)."""
+    mine = {key: cfg.model[key] for key in ("dropout", "attention_dropout", "activation_dropout")}
+    cfg.model = OmegaConf.merge(OmegaConf.structured(ModelConfig), model_cfg, mine)
+    log.info("model: the checkpoint's architecture (model.* settings other than dropouts "
+             "are not used): %s", {k: v for k, v in cfg.model.items() if k not in mine})
+    validate_config(cfg)  # e.g. data.max_len against the checkpoint's model.max_len
+
+
+def load_weights(model: nn.Module, checkpoint: dict[str, Any]) -> None:
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise CheckpointError(f"the checkpoint's weights do not fit its own model config "
+                              f"with this run's vocabulary: {error}") from error
 
 
 def find_resume(resume: str, run_dir: Path) -> dict[str, Any] | None:
