@@ -13,8 +13,8 @@ from pathlib import Path
 from transformer.checkpoint import (
     CheckpointError,
     average_checkpoints,
+    last_checkpoints,
     save_checkpoint,
-    step_checkpoints,
 )
 
 
@@ -28,7 +28,7 @@ def main() -> int:
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args()
     try:
-        paths = args.inputs or last_checkpoints(int(args.last[0]), Path(args.last[1]))
+        paths = args.inputs or last_checkpoints(Path(args.last[1]), int(args.last[0]))
         state = average_checkpoints(paths)
         save_checkpoint(state, args.output)
     except CheckpointError as error:
@@ -37,15 +37,6 @@ def main() -> int:
     print(f"averaged {len(paths)} checkpoints into {args.output}: "
           + ", ".join(p.name for p in paths))
     return 0
-
-
-def last_checkpoints(n: int, run_dir: Path) -> list[Path]:
-    directory = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
-    found = step_checkpoints(directory)
-    if len(found) < n:
-        raise CheckpointError(f"{directory} has {len(found)} numbered checkpoints, "
-                              f"fewer than --last {n}")
-    return found[-n:]
 
 
 if __name__ == "__main__":

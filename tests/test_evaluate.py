@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,29 @@ def test_average_script(tmp_path):
     assert result.returncode == 0, result.stderr
     model, _, _ = load_checkpoint(tmp_path / "avg.pt")
     assert model is not None
+
+
+def test_evaluate_averages_the_last_checkpoints_of_a_run(tmp_path):
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for step, seed in [(100, 3), (200, 0), (300, 1)]:
+        make_checkpoint(checkpoints / f"checkpoint_{step}.pt", seed=seed)
+    src, ref = make_toy_pairs(8, seed=5)
+    (tmp_path / "src.en").write_text("".join(f"{line}\n" for line in src))
+    (tmp_path / "ref.de").write_text("".join(f"{line}\n" for line in ref))
+    files = {"mode": "files", "src_file": str(tmp_path / "src.en"),
+             "ref_file": str(tmp_path / "ref.de")}
+    averaged = evaluate(eval_config(checkpoint=str(tmp_path / "run"), average_last=2,
+                                    output_dir=str(tmp_path / "averaged"), **files))
+    subprocess.run([sys.executable, str(REPO / "scripts/average_checkpoints.py"), "--last", "2",
+                    str(tmp_path / "run"), "--output", str(tmp_path / "avg.pt")], check=True)
+    scripted = evaluate(eval_config(checkpoint=str(tmp_path / "avg.pt"),
+                                    output_dir=str(tmp_path / "scripted"),
+                                    scores_file=str(tmp_path / "scores.json"), **files))
+    assert averaged == scripted == json.loads((tmp_path / "scores.json").read_text())
+    assert (tmp_path / "averaged" / "src.en.hyp").read_text() == \
+        (tmp_path / "scripted" / "src.en.hyp").read_text()
+    with pytest.raises(CheckpointError, match="3 numbered checkpoints, fewer than the 4"):
+        evaluate(eval_config(checkpoint=str(tmp_path / "run"), average_last=4, **files))
 
 
 def test_interactive_mode_keeps_lines_and_empty_lines(tmp_path):

@@ -17,7 +17,7 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -34,28 +34,64 @@ class CheckpointError(RuntimeError):
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Write ``state`` to ``path`` atomically: a temporary file in the same directory, flushed
-    to disk, then renamed over the target. A crash or a full disk leaves the previous file
-    intact and no half-written one under the real name."""
+    to disk, then renamed over the target. A crash, a kill or a full disk leaves the previous
+    file intact and no half-written one under the real name (a kill can leave the temporary
+    file, which no reader takes for a checkpoint and the next ``prune_checkpoints`` removes)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **state}, f)
+            write_state({"format_version": FORMAT_VERSION, **state}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as error:
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(f"could not write checkpoint {path}: {error.strerror or error}"
                               ) from error
+    finally:
+        tmp.unlink(missing_ok=True)  # gone already after the rename
+
+
+def temp_path(path: Path) -> Path:
+    """Where ``path`` is written before the rename: hidden, and not named ``*.pt``."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_state(state: dict[str, Any], f: BinaryIO) -> None:
+    """``torch.save(state, f)``, except that a write that fails (a full disk) raises its
+    OSError: torch.save would report it as "unexpected pos", a RuntimeError naming no cause."""
+    recorder = WriteErrorRecorder(f)
+    try:
+        torch.save(state, recorder)
+    except RuntimeError:
+        if recorder.error is not None:
+            raise recorder.error from None
+        raise
+
+
+class WriteErrorRecorder:
+    """A binary file's ``write`` and ``flush`` that keep the OSError of a failed write."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def link_checkpoint(source: Path, path: Path) -> None:
     """Make ``path`` hold the same checkpoint as ``source`` without writing it again: a hard
     link (a copy where the file system has none), put in place atomically. Removing
     ``source`` later (pruning) leaves ``path`` intact."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     try:
         tmp.unlink(missing_ok=True)
         try:
@@ -64,9 +100,26 @@ def link_checkpoint(source: Path, path: Path) -> None:
             shutil.copyfile(source, tmp)
         os.replace(tmp, path)
     except OSError as error:
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(f"could not write checkpoint {path}: {error.strerror or error}"
                               ) from error
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_checkpoints(state: dict[str, Any], directory: Path, best: bool = False,
+                      keep_last: int = 5) -> Path:
+    """A training save: ``checkpoint_<step>.pt`` serialised and written once, then
+    ``checkpoint_last.pt`` (and, if ``best``, ``checkpoint_best.pt``) linked to it, then all
+    but the newest ``keep_last`` numbered ones removed. Returns the numbered file. Whatever
+    step a kill interrupts, every ``*.pt`` file left is whole (``latest_valid_checkpoint``
+    finds the newest)."""
+    numbered = Path(directory) / f"checkpoint_{state['step']}.pt"
+    save_checkpoint(state, numbered)
+    link_checkpoint(numbered, numbered.with_name("checkpoint_last.pt"))
+    if best:
+        link_checkpoint(numbered, numbered.with_name("checkpoint_best.pt"))
+    prune_checkpoints(directory, keep_last)
+    return numbered
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
@@ -95,45 +148,79 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
 def step_checkpoints(directory: Path) -> list[Path]:
     """The numbered checkpoints in ``directory``, oldest first."""
     found = [p for p in Path(directory).glob("checkpoint_*.pt") if STEP_FILE.search(p.name)]
-    return sorted(found, key=lambda p: int(STEP_FILE.search(p.name).group(1)))
+    return sorted(found, key=step_of)
+
+
+def step_of(path: Path) -> int:
+    """The step in a numbered checkpoint's name: 20 for ``checkpoint_20.pt``."""
+    return int(STEP_FILE.search(path.name).group(1))
 
 
 def prune_checkpoints(directory: Path, keep_last: int) -> None:
+    """Remove all but the newest ``keep_last`` numbered checkpoints, and the temporary files
+    of writes that a kill cut short (one process writes a run's checkpoints: rank 0)."""
     for old in step_checkpoints(directory)[:-keep_last]:
         old.unlink(missing_ok=True)
+    for leftover in Path(directory).glob(".checkpoint_*.pt.tmp-*"):
+        leftover.unlink(missing_ok=True)
 
 
 def latest_valid_checkpoint(directory: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint in ``directory`` that loads, trying checkpoint_last.pt first
-    and then the numbered ones, newest first; says which ones it skipped and why."""
+    """The newest checkpoint in ``directory`` that loads: checkpoint_last.pt, unless a
+    numbered one is newer (a kill between writing ``checkpoint_<step>.pt`` and linking
+    checkpoint_last.pt to it); if checkpoint_last.pt does not load, the numbered ones,
+    newest first. Says which ones it skipped and why."""
     directory = Path(directory)
-    candidates = [directory / "checkpoint_last.pt", *reversed(step_checkpoints(directory))]
-    for path in candidates:
-        if not path.exists():
-            continue
-        try:
-            return path, read_checkpoint(path)
-        except CheckpointError as error:
-            log.warning("skipping %s: %s", path, error)
-    return None
+    last = readable_checkpoint(directory / "checkpoint_last.pt")
+    for path in reversed(step_checkpoints(directory)):
+        if last is not None and step_of(path) <= last[1]["step"]:
+            break
+        found = readable_checkpoint(path)
+        if found is not None:
+            return found
+    return last
+
+
+def readable_checkpoint(path: Path) -> tuple[Path, dict[str, Any]] | None:
+    """``(path, state)``, or None (with a warning that says why) if it is missing or
+    does not load."""
+    if not path.exists():
+        return None
+    try:
+        return path, read_checkpoint(path)
+    except CheckpointError as error:
+        log.warning("%s; trying an older checkpoint", error)
+        return None
+
+
+def last_checkpoints(run_dir: Path, n: int) -> list[Path]:
+    """The newest ``n`` numbered checkpoints of a run directory (or its checkpoints/)."""
+    run_dir = Path(run_dir)
+    directory = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
+    found = step_checkpoints(directory)
+    if len(found) < n:
+        raise CheckpointError(f"{directory} has {len(found)} numbered checkpoints, "
+                              f"fewer than the {n} to average")
+    return found[-n:]
 
 
 def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
-    """Average the model weights of ``paths`` (paper 6.1: the last checkpoints, averaged).
-    The result keeps the last checkpoint's config and tokenizer, and no optimizer state:
-    it is for evaluation and fine-tuning."""
+    """Average the model weights of ``paths`` (paper 6.1: the last checkpoints, averaged),
+    reading one checkpoint at a time. The result keeps the last checkpoint's config and
+    tokenizer, and no optimizer state: it is for evaluation and fine-tuning."""
     if not paths:
         raise CheckpointError("no checkpoints to average")
-    states = [read_checkpoint(path) for path in paths]
-    reference = states[-1]["model"]
-    total = {name: torch.zeros_like(t, dtype=torch.float64) for name, t in reference.items()}
-    for path, state in zip(paths, states, strict=True):
-        check_compatible(path, state["model"], paths[-1], reference)
-        for name, tensor in state["model"].items():
+    last = read_checkpoint(paths[-1])
+    reference = last["model"]
+    total = {name: t.double() for name, t in reference.items()}
+    for path in paths[:-1]:
+        weights = read_checkpoint(path)["model"]
+        check_compatible(path, weights, paths[-1], reference)
+        for name, tensor in weights.items():
             total[name] += tensor.double()
-    averaged = {name: (t / len(states)).to(reference[name].dtype) for name, t in total.items()}
+    averaged = {name: (t / len(paths)).to(reference[name].dtype) for name, t in total.items()}
     keep = ("config", "tokenizer", "vocab_size", "step")
-    return {**{k: states[-1][k] for k in keep if k in states[-1]}, "model": averaged,
+    return {**{k: last[k] for k in keep if k in last}, "model": averaged,
             "averaged_from": [str(p) for p in paths]}
 
 
@@ -148,15 +235,19 @@ def check_compatible(path: Path, weights: dict, reference_path: Path, reference:
                                   f"{reference_path} has {tuple(reference[name].shape)}")
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
+def load_checkpoint(path: str | Path | dict[str, Any], device: str | torch.device = "cpu"):
     """``model, tokenizer, cfg = load_checkpoint(path)``: a model in eval mode on ``device``,
-    the tokenizer (encodes the source, decodes the target) and the training config."""
+    the tokenizer (encodes the source, decodes the target) and the training config.
+    ``path`` may also be a checkpoint already in memory (``average_checkpoints``'s)."""
     from omegaconf import OmegaConf
 
     from transformer.config import TrainConfig
     from transformer.model import build_model
 
-    state = read_checkpoint(path)
+    if isinstance(path, dict):
+        state, path = path, "the averaged checkpoint"
+    else:
+        state = read_checkpoint(path)
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), state["config"])
     except Exception as error:  # omegaconf raises several types for an alien config

@@ -8,6 +8,8 @@ combinations no type can express (d_model divisible by n_heads, ...).
 
 from __future__ import annotations
 
+import math
+import string
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,6 +121,15 @@ class LoggerConfig:
 
 
 @dataclass
+class TestConfig:
+    """How the finished run is scored: the evaluate.py command the trainer prints last."""
+
+    average_last: int = 0  # >1: average the newest N checkpoints; else checkpoint_best.pt
+    beam: int = 5
+    lenpen: float = 0.6
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -126,12 +137,14 @@ class TrainConfig:
     sched: SchedConfig = field(default_factory=SchedConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    test: TestConfig = field(default_factory=TestConfig)
     experiment: str | None = None  # name of the experiment delta, for the record
 
 
 @dataclass
 class EvalConfig:
-    checkpoint: str = MISSING
+    checkpoint: str = MISSING  # a checkpoint file; with average_last, a run directory
+    average_last: int = 0  # >1: average the run's newest N numbered checkpoints (paper 6.1)
     splits: list[str] = field(default_factory=lambda: ["test_2016_flickr", "test_2017_flickr"])
     mode: str = "splits"  # splits | files | interactive
     src_file: str | None = None
@@ -145,6 +158,7 @@ class EvalConfig:
     device: str = "auto"
     data_root: str | None = None  # overrides the checkpoint's data.root
     output_dir: str = "."
+    scores_file: str | None = None  # also write the scores of every split here, as JSON
 
 
 class ConfigError(ValueError):
@@ -170,28 +184,44 @@ def lookup(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
+# Ranges of numeric keys; None (unset) is fine where the type allows it. NaN and inf fail.
+POSITIVE = ("model.d_model", "model.n_heads", "model.n_encoder_layers", "model.n_decoder_layers",
+            "model.n_layers", "model.d_ff", "model.max_len", "data.vocab_size", "data.max_len",
+            "data.max_tokens", "data.max_sentences", "optim.lr", "trainer.max_epochs",
+            "trainer.val_every_steps", "trainer.save_every_steps", "trainer.keep_last",
+            "trainer.grad_accum", "trainer.patience", "trainer.log_every_steps",
+            "trainer.val_max_sentences", "trainer.val_beam", "trainer.max_skipped_steps",
+            "trainer.dist_timeout_s")
+NON_NEGATIVE = ("optim.eps", "optim.weight_decay", "sched.warmup_steps", "sched.min_lr",
+                "trainer.clip_norm", "trainer.overfit_batches", "logger.n_examples",
+                "trainer.max_steps")  # 0: only save the start (e.g. of a converted model)
+FRACTIONS = ("model.dropout", "model.attention_dropout", "model.activation_dropout",
+             "trainer.label_smoothing")
+RANGES = ((POSITIVE, lambda value: 0 < value < math.inf, "a positive number"),
+          (NON_NEGATIVE, lambda value: 0 <= value < math.inf, "a number >= 0"),
+          (FRACTIONS, lambda value: 0 <= value < 1, "in [0, 1)"))
+
+
 def validate(cfg: Any) -> None:
-    """Check the combinations of a train config; raise ConfigError naming the key."""
+    """Check the values and combinations of a train config; raise ConfigError naming the
+    key. Ranges come first: the combinations below divide by some of these values."""
     for key, allowed in CHOICES.items():
         if lookup(cfg, key) not in allowed:
             raise ConfigError(f"{key}={lookup(cfg, key)!r} is not one of {list(allowed)}")
+    for keys, holds, requirement in RANGES:
+        for key in keys:
+            value = lookup(cfg, key)
+            if value is not None and not holds(value):
+                raise ConfigError(f"{key}={value} must be {requirement}")
+    if not 0 <= cfg.trainer.seed < 2**31:  # numpy takes [0, 2**32), and ranks add their rank
+        raise ConfigError(f"trainer.seed={cfg.trainer.seed} must be in [0, 2**31)")
     model = cfg.model
+    if model.pad_id != 0:
+        raise ConfigError(f"model.pad_id={model.pad_id} must be 0: the tokenizers and the "
+                          "batches put <pad> at id 0")
     if model.d_model % model.n_heads != 0:
         raise ConfigError(f"model.d_model={model.d_model} is not divisible by "
                           f"model.n_heads={model.n_heads}")
-    positive = ["model.d_model", "model.n_heads", "model.d_ff", "model.max_len",
-                "data.vocab_size", "data.max_len", "data.max_tokens", "trainer.grad_accum",
-                "trainer.keep_last", "trainer.log_every_steps", "trainer.save_every_steps",
-                "trainer.val_beam"]
-    for key in positive:
-        if lookup(cfg, key) <= 0:
-            raise ConfigError(f"{key}={lookup(cfg, key)} must be positive")
-    for key in ("model.dropout", "model.attention_dropout", "model.activation_dropout",
-                "trainer.label_smoothing"):
-        if not 0.0 <= lookup(cfg, key) < 1.0:
-            raise ConfigError(f"{key}={lookup(cfg, key)} must be in [0, 1)")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr={cfg.optim.lr} must be positive")
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas={list(cfg.optim.betas)} must be two values in [0, 1)")
     if cfg.model.share_embeddings == "all" and not cfg.data.joint_vocab:
@@ -200,6 +230,19 @@ def validate(cfg: Any) -> None:
     if cfg.data.max_len + 2 > cfg.model.max_len:
         raise ConfigError(f"data.max_len={cfg.data.max_len} (+2 for <s> and </s>) exceeds "
                           f"model.max_len={cfg.model.max_len}")
+    check_file_pattern(cfg.data.file_pattern)
+
+
+def check_file_pattern(pattern: str) -> None:
+    """data.file_pattern fills in exactly ``{split}`` and ``{lang}``."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(pattern) if name is not None}
+    except ValueError as error:  # an unmatched brace
+        raise ConfigError(f"data.file_pattern={pattern!r} is not a format string: {error}"
+                          ) from None
+    if fields != {"split", "lang"}:
+        raise ConfigError(f"data.file_pattern={pattern!r} must name {{split}} and {{lang}} "
+                          f"and nothing else (it names {sorted(fields)})")
 
 
 def register_configs() -> None:

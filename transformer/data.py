@@ -83,10 +83,14 @@ def read_lines(path: str | Path) -> list[str]:
 
 
 def _read_bytes(path: Path) -> bytes:
-    if path.suffix != ".gz":
-        return path.read_bytes()
     try:
-        return gzip.decompress(path.read_bytes())
+        data = path.read_bytes()
+    except OSError as error:  # no permission, a folder of that name, an I/O error
+        raise DataError(f"{path}: cannot read it ({error.strerror or error})") from None
+    if path.suffix != ".gz":
+        return data
+    try:
+        return gzip.decompress(data)
     except (OSError, EOFError, zlib.error) as error:
         raise DataError(f"{path}: not a readable gzip file ({error})") from None
 
@@ -409,6 +413,7 @@ def prepare_data(cfg: DataConfig, splits: Sequence[str] | None = None,
     (fine-tuning a checkpoint keeps its tokenizer; ``data.vocab_size``, ``joint_vocab`` and
     ``lowercase`` then do not apply)."""
     names = list(dict.fromkeys(splits or [cfg.train_split, cfg.valid_split, *cfg.test_splits]))
+    _check_cache_dir(cfg.cache_dir)
     corpus = open_corpus(cfg, names)
     if given_tokenizers is None:
         tokenizer_key = _hash(CACHE_VERSION, tokenizers.__version__, corpus.key(cfg.train_split),
@@ -426,6 +431,16 @@ def prepare_data(cfg: DataConfig, splits: Sequence[str] | None = None,
     encoded = {name: _encoded_split(cfg, corpus, name, tokenizer_pair, cache, log)
                for name in names}
     return TranslationData(*tokenizer_pair, encoded, cache)
+
+
+def _check_cache_dir(cache_dir: str) -> None:
+    """Fail before any slow work, naming the key, if the cache cannot be made there (a file
+    in the way, no permission); creates nothing, so bad data leaves no folder behind."""
+    path = Path(cache_dir).absolute()
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"data.cache_dir={cache_dir} cannot be written: {existing} is not a "
+                        "writable folder")
 
 
 def _hash(*parts: Any) -> str:

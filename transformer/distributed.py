@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,9 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    # A gloo group beside NCCL's, for small decisions taken on the host (``any_rank``);
+    # None: the default group (gloo already, on the CPU).
+    cpu_group: Any = field(default=None, compare=False, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -64,9 +67,12 @@ def init_distributed(device: torch.device, timeout_s: float) -> tuple[Distribute
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=timedelta(seconds=timeout_s))
+    cpu_group = None
+    if dist.get_backend() != "gloo":  # every rank makes the group, in the same order
+        cpu_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     if rank != 0:  # one copy of each log line, from rank 0; warnings and errors from all
         logging.getLogger("transformer").setLevel(logging.WARNING)
-    return Distributed(rank, world_size, local_rank), device
+    return Distributed(rank, world_size, local_rank, cpu_group), device
 
 
 def export_submitit_env() -> None:
@@ -107,6 +113,17 @@ def sum_over_ranks(tensor: Tensor, ddp: Distributed) -> Tensor:
         tensor = tensor.clone()
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def any_rank(flag: bool, ddp: Distributed) -> bool:
+    """True on every rank if ``flag`` is True on any (a decision all ranks must take
+    together, such as stopping). An all-reduce (MAX) of one int on the CPU: it waits for the
+    other ranks' CPUs, never for a GPU."""
+    if not ddp.enabled:
+        return flag
+    flags = torch.tensor([int(flag)])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=ddp.cpu_group)
+    return bool(flags.item())
 
 
 def gather(value: Any, ddp: Distributed) -> list[Any]:

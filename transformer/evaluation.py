@@ -3,6 +3,7 @@ per pair of user files, or interactively (one translation per stdin line)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Iterable
@@ -12,7 +13,7 @@ from typing import TextIO
 import sacrebleu
 from omegaconf import DictConfig, OmegaConf
 
-from transformer.checkpoint import load_checkpoint
+from transformer.checkpoint import average_checkpoints, last_checkpoints, load_checkpoint
 from transformer.config import DataConfig, EvalConfig
 from transformer.data import DataError, open_corpus, read_lines
 from transformer.decoding import translate
@@ -39,8 +40,14 @@ def evaluate(cfg: EvalConfig | DictConfig, stdin: TextIO = sys.stdin,
              stdout: TextIO = sys.stdout) -> dict[str, dict]:
     """Load the checkpoint, then translate and score as ``cfg.mode`` says."""
     device = resolve_device(cfg.device)
-    model, tokenizer, train_cfg = load_checkpoint(cfg.checkpoint, device)
-    log.info("loaded %s on %s", cfg.checkpoint, device)
+    if cfg.average_last > 1:
+        paths = last_checkpoints(Path(cfg.checkpoint), cfg.average_last)
+        model, tokenizer, train_cfg = load_checkpoint(average_checkpoints(paths), device)
+        log.info("averaged %d checkpoints on %s: %s", len(paths), device,
+                 ", ".join(str(p) for p in paths))
+    else:
+        model, tokenizer, train_cfg = load_checkpoint(cfg.checkpoint, device)
+        log.info("loaded %s on %s", cfg.checkpoint, device)
 
     def run(sentences: list[str]) -> list[str]:
         return translate(model, tokenizer, sentences, beam=cfg.beam, lenpen=cfg.lenpen,
@@ -58,8 +65,11 @@ def evaluate(cfg: EvalConfig | DictConfig, stdin: TextIO = sys.stdin,
         named = read_splits(data_config(train_cfg, cfg), list(cfg.splits))
     else:
         raise DataError(f"mode={cfg.mode!r} is not one of ['splits', 'files', 'interactive']")
-    return {name: translate_and_score(name, sources, references, run, Path(cfg.output_dir))
-            for name, (sources, references) in named.items()}
+    scores = {name: translate_and_score(name, sources, references, run, Path(cfg.output_dir))
+              for name, (sources, references) in named.items()}
+    if cfg.scores_file:
+        Path(cfg.scores_file).write_text(json.dumps(scores, indent=2) + "\n")
+    return scores
 
 
 def interactive(run, stdin: Iterable[str], stdout: TextIO) -> None:

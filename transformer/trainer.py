@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,12 +26,10 @@ from tqdm import tqdm
 from transformer.checkpoint import (
     CheckpointError,
     latest_valid_checkpoint,
-    link_checkpoint,
-    prune_checkpoints,
     read_checkpoint,
     read_tokenizers,
-    save_checkpoint,
     tokenizer_entry,
+    write_checkpoints,
 )
 from transformer.config import ConfigError, DataConfig, ModelConfig, TrainerConfig
 from transformer.config import validate as validate_config
@@ -47,6 +47,7 @@ from transformer.distributed import (
     SINGLE_PROCESS,
     Distributed,
     LossModule,
+    any_rank,
     barrier,
     check_in_step,
     gather,
@@ -203,6 +204,7 @@ class Run:
     scaler: torch.amp.GradScaler
     logger: NullLogger
     state: TrainState = field(default_factory=TrainState)
+    meter: Meter = field(default_factory=lambda: Meter())  # (defined below) sums to log
     flops_per_token: float | None = None
     saved_step: int | None = None  # the step of the newest checkpoint written
     pending_finite: list[tuple[int, Tensor]] = field(default_factory=list)  # unchecked steps
@@ -227,7 +229,10 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
 
 
 def setup(cfg: DictConfig, run_dir: Path) -> Run:
-    device = resolve_device(cfg.trainer.device)
+    try:
+        device = resolve_device(cfg.trainer.device)
+    except RuntimeError as error:  # trainer.device=cuda on a machine without one
+        raise ConfigError(str(error)) from None
     ddp, device = init_distributed(device, cfg.trainer.dist_timeout_s)
     precision = Precision.resolve(cfg.trainer.precision, device)
     init_state, resume_state = find_start(cfg.trainer, run_dir)  # before any slow work
@@ -272,7 +277,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
 
 def fit(run: Run) -> None:
     """The loop: steps over token-bucketed batches, epoch after epoch, until max_steps,
-    max_epochs or early stopping."""
+    max_epochs or early stopping, or until SIGTERM/SIGINT: then it saves and returns, and
+    ``trainer.resume=auto`` continues exactly where it stopped."""
     cfg, state = run.cfg.trainer, run.state
     train_split = run.data.splits[run.cfg.data.train_split]
     sampler = TokenBatchSampler.for_split(
@@ -281,34 +287,99 @@ def fit(run: Run) -> None:
         rank=run.ddp.rank, world_size=run.ddp.world_size)  # each rank its share of batches
     if len(sampler) == 0:
         raise DataError(f"split {run.cfg.data.train_split!r} has no pairs left to train on")
-    meter, progress = Meter(), Progress(cfg.max_steps, state.step, run.ddp.is_main)
+    progress = Progress(cfg.max_steps, state.step, run.ddp.is_main)
+    run.meter.start = time.perf_counter()  # throughput counts from the loop, not from setup
+    with StopSignal() as stop:
+        stopped = run_steps(run, sampler, train_split, progress, stop)
+        progress.close()
+        if run.saved_step != state.step:
+            save(run)
+    if run.ddp.enabled:
+        log.info("parameters identical on all %d ranks (checksum %s)", run.ddp.world_size,
+                 check_in_step(run.model, run.ddp))
+    if stopped:
+        log.info("received %s at step %d: saved checkpoint %s, exiting; resume with "
+                 "trainer.resume=auto", stop.received or "a stop signal (on another rank)",
+                 state.step, run.checkpoint_dir / f"checkpoint_{state.step}.pt")
+        return
+    log.info("done: step %d, best %s %s; checkpoints in %s", state.step,
+             run.cfg.trainer.best_metric, state.best, run.checkpoint_dir)
+    log.info("evaluate with: %s", evaluate_command(run))
+
+
+def run_steps(run: Run, sampler: TokenBatchSampler, split: EncodedSplit, progress: Progress,
+              stop: StopSignal) -> bool:
+    """Optimizer steps until the run is finished; True if a stop signal ended them first."""
+    cfg, state = run.cfg.trainer, run.state
     while not finished(run):
-        batches = epoch_batches(run, sampler, train_split)
-        for micro_batches in grouped(batches, cfg.grad_accum):
+        for micro_batches in grouped(epoch_batches(run, sampler, split), cfg.grad_accum):
             maybe_inject_fault(run.ddp.rank, state.step + 1)
             output = train_step(run.train_module, micro_batches, run.optimizer, run.scheduler,
                                 run.scaler, run.precision, cfg.clip_norm, cfg.label_smoothing,
                                 run.loss_fn, run.ddp)
             state.step += 1
             state.batch_in_epoch += len(micro_batches)
-            meter.add(output)
-            after_step(run, output, meter, progress)
+            run.meter.add(output)
+            after_step(run, output, progress)
             if finished(run):
-                break
-        else:  # the epoch ran out
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            if cfg.val_every_steps is None:
-                validate_and_save(run)
-    progress.close()
-    if run.saved_step != state.step:
-        save(run)
-    if run.ddp.enabled:
-        log.info("parameters identical on all %d ranks (checksum %s)", run.ddp.world_size,
-                 check_in_step(run.model, run.ddp))
-    log.info("done: step %d, best %s %s; checkpoints in %s", state.step,
-             run.cfg.trainer.best_metric, state.best, run.checkpoint_dir)
-    log.info("evaluate with: python evaluate.py checkpoint=%s",
-             run.checkpoint_dir / "checkpoint_best.pt")
+                return False
+            if stop_requested(stop, run.ddp):
+                return True
+        # the epoch ran out
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        if cfg.val_every_steps is None:
+            validate_and_save(run)
+    return False
+
+
+class StopSignal:
+    """SIGTERM and SIGINT while ``fit`` runs: the preemption notice of SLURM, torchrun and
+    Kubernetes, and Ctrl-C. The handler only notes the signal (a Python flag); the loop
+    checks it at the next step boundary, saves a checkpoint there and returns, so the
+    process exits 0. Repeats change nothing: SLURM and torchrun may each send one to the
+    same worker. Handlers can only be installed in the main thread; elsewhere the signals
+    keep their usual effect (a checkpoint on disk is whole whenever a process dies)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: str | None = None  # the first signal's name
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {number: signal.signal(number, self.note) for number in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+
+    def note(self, number: int, frame: object) -> None:
+        if self.received is None:
+            self.received = signal.Signals(number).name
+            log.warning("received %s: saving a checkpoint after this step, then exiting",
+                        self.received)
+
+
+def stop_requested(stop: StopSignal, ddp: Distributed) -> bool:
+    """Whether to stop after this step. One process: the flag alone, no host sync. Under
+    torchrun all ranks must stop at the same step, or those that go on wait forever in the
+    next gradient all-reduce while the others wait in save's gather; a signal can reach the
+    ranks during different steps, or reach only some of them. So every rank passes its flag
+    to ``any_rank`` each step: one all-reduce of one int on the CPU (gloo), no GPU sync."""
+    return any_rank(stop.received is not None, ddp)
+
+
+def evaluate_command(run: Run) -> str:
+    """The evaluate.py command that scores this run on its test splits as ``test.*`` says."""
+    test = run.cfg.test
+    if test.average_last > 1:
+        checkpoint = f"checkpoint={run.run_dir} average_last={test.average_last}"
+    else:  # the best by validation, or the last when no validation ran
+        name = "checkpoint_best.pt" if run.state.best is not None else "checkpoint_last.pt"
+        checkpoint = f"checkpoint={run.checkpoint_dir / name}"
+    return f"python evaluate.py {checkpoint} beam={test.beam} lenpen={test.lenpen}"
 
 
 def finished(run: Run) -> bool:
@@ -343,13 +414,13 @@ def grouped(batches: Iterator[Batch], size: int) -> Iterator[list[Batch]]:
         yield group
 
 
-def after_step(run: Run, output: StepOutput, meter: Meter, progress: Progress) -> None:
+def after_step(run: Run, output: StepOutput, progress: Progress) -> None:
     cfg, state = run.cfg.trainer, run.state
     run.pending_finite.append((state.step, output.finite))
     progress.update(state.step)
     if state.step % cfg.log_every_steps == 0:
         check_finite(run)
-        metrics = meter.summary(run)
+        metrics = run.meter.summary(run)
         run.logger.scalars(metrics, state.step)
         progress.show(state.step, metrics)
     if cfg.val_every_steps and state.step % cfg.val_every_steps == 0:
@@ -385,7 +456,11 @@ def check_finite(run: Run) -> None:
 
 
 class Meter:
-    """Sums step outputs on the device; one host sync per logging interval."""
+    """Sums step outputs on the device; one host sync per logging interval. The sums go into
+    checkpoints: a run resumed between two log lines logs the same averages as one that went
+    on (float(x) of a float32 sum, added to the next float32 value, gives the same bits)."""
+
+    SUMS = ("loss", "nll", "grad_norm", "tokens", "steps")
 
     def __init__(self):
         self.reset()
@@ -394,6 +469,13 @@ class Meter:
         self.loss = self.nll = self.grad_norm = 0.0
         self.tokens = self.steps = 0
         self.start = time.perf_counter()
+
+    def state_dict(self) -> dict[str, float]:
+        return {name: float(getattr(self, name)) for name in self.SUMS}
+
+    def load_state_dict(self, sums: dict[str, float]) -> None:
+        for name in self.SUMS:
+            setattr(self, name, sums[name])
 
     def add(self, output: StepOutput) -> None:
         self.loss = self.loss + output.loss_sum
@@ -562,14 +644,8 @@ def save(run: Run, best: bool = False) -> None:
     rngs = gather(rng_state(), run.ddp)
     run.saved_step = run.state.step
     if run.ddp.is_main:
-        state = checkpoint_state(run, rngs)
-        directory = run.checkpoint_dir
-        numbered = directory / f"checkpoint_{run.state.step}.pt"
-        save_checkpoint(state, numbered)  # serialised and written once ...
-        link_checkpoint(numbered, directory / "checkpoint_last.pt")  # ... and linked
-        if best:
-            link_checkpoint(numbered, directory / "checkpoint_best.pt")
-        prune_checkpoints(directory, run.cfg.trainer.keep_last)
+        write_checkpoints(checkpoint_state(run, rngs), run.checkpoint_dir, best,
+                          run.cfg.trainer.keep_last)
     # Once save returns on any rank the checkpoint is on disk: a rank that dies later (and
     # takes the job down with it) cannot cut rank 0's writing short. The others would wait
     # for rank 0 at the next step's all-reduce anyway.
@@ -587,6 +663,7 @@ def checkpoint_state(run: Run, rngs: list[dict[str, Any]] | None = None) -> dict
         "scaler": run.scaler.state_dict(),
         "step": run.state.step,
         "train_state": asdict(run.state),
+        "meter": run.meter.state_dict(),
         "rng": rngs[0],
         "rng_per_rank": rngs,
         "world_size": run.ddp.world_size,
@@ -646,7 +723,11 @@ def find_resume(resume: str, run_dir: Path) -> dict[str, Any] | None:
     if resume == "never":
         return None
     if resume == "auto":
-        found = latest_valid_checkpoint(run_dir / "checkpoints")
+        directory = run_dir / "checkpoints"
+        found = latest_valid_checkpoint(directory)
+        if found is None and any(directory.glob("*.pt")):
+            raise CheckpointError(f"trainer.resume=auto: no checkpoint in {directory} loads "
+                                  "(see the warnings above); move them away to start afresh")
         if found is None:
             log.info("trainer.resume=auto: no checkpoint in %s, starting fresh", run_dir)
             return None
@@ -666,6 +747,8 @@ def restore(run: Run, checkpoint: dict[str, Any]) -> None:
     run.scheduler.load_state_dict(checkpoint["scheduler"])
     run.scaler.load_state_dict(checkpoint["scaler"])
     run.state = TrainState(**checkpoint["train_state"])
+    if "meter" in checkpoint:  # older checkpoints: a fresh meter
+        run.meter.load_state_dict(checkpoint["meter"])
     set_rng_state(checkpoint.get("rng_per_rank", [checkpoint["rng"]])[run.ddp.rank])
     log.info("resumed at step %d (epoch %d, batch %d)", run.state.step, run.state.epoch,
              run.state.batch_in_epoch)
