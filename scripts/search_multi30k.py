@@ -31,6 +31,11 @@ DIRECTIONS = ("en_de", "de_en")
 CANDIDATES = {
     "recipe": [],
     "lr2e-3": ["optim.lr=2e-3"],
+    "lr1e-3": ["optim.lr=1e-3"],
+    "prenorm": ["model.norm_first=true"],
+    "drop0.1": ["model.dropout=0.1"],
+    "prenorm-drop0.1": ["model.norm_first=true", "model.dropout=0.1"],
+    "lr2e-3-drop0.1": ["optim.lr=2e-3", "model.dropout=0.1"],
     "vocab8k": ["data.vocab_size=8000"],
     "vocab2k": ["data.vocab_size=2000"],
     "drop0.2": ["model.dropout=0.2"],
