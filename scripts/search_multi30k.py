@@ -84,10 +84,7 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="extra overrides for every run")
     args = parser.parse_args()
     names = [args.only] if args.only else args.candidates.split(",")
-    trials = [Trial(direction, name.split(":")[-1], CANDIDATES[name.split(":")[-1]]
-                    + args.overrides, args.out / f"{direction}-{name.split(':')[-1]}")
-              for direction in args.directions.split(",") for name in names
-              if ":" not in name or name.startswith(f"{direction}:")]
+    trials = make_trials(args.directions.split(","), names, args.overrides, args.out)
     start = time.monotonic()
     solo = [t for t in trials if t.name in args.solo.split(",")]
     train_all(solo, 1, start + args.deadline_s)  # alone on the machine: its training time
@@ -107,6 +104,21 @@ def main() -> int:
                 winner.test = score(winner, list(TESTS), lenpen)
     report(trials, winners, args.out, time.monotonic() - start)
     return 0
+
+
+def make_trials(directions: list[str], names: list[str], overrides: list[str], out: Path
+                ) -> list[Trial]:
+    """A trial per direction and candidate name; ``DIRECTION:NAME`` for one direction."""
+    trials = []
+    for direction in directions:
+        for entry in names:
+            only, _, name = entry.rpartition(":")
+            if name not in CANDIDATES:
+                raise SystemExit(f"unknown candidate {name!r}; known: {', '.join(CANDIDATES)}")
+            if only in ("", direction):
+                trials.append(Trial(direction, name, CANDIDATES[name] + overrides,
+                                    out / f"{direction}-{name}"))
+    return trials
 
 
 def train_all(trials: list[Trial], concurrency: int, deadline: float) -> None:

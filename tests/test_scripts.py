@@ -1,0 +1,47 @@
+"""The recipe-search and curve-plotting scripts, on what they read and write (no training)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import search_multi30k  # noqa: E402
+
+
+def test_search_trials_per_direction_and_candidate(tmp_path):
+    trials = search_multi30k.make_trials(["en_de", "de_en"], ["recipe", "en_de:drop0.1"],
+                                         ["trainer.max_steps=10"], tmp_path)
+    assert [t.label for t in trials] == ["en_de/recipe", "en_de/drop0.1", "de_en/recipe"]
+    assert trials[1].overrides == ["model.dropout=0.1", "trainer.max_steps=10"]
+    assert trials[2].run_dir == tmp_path / "de_en-recipe"
+    with pytest.raises(SystemExit, match="unknown candidate 'nope'"):
+        search_multi30k.make_trials(["en_de"], ["nope"], [], tmp_path)
+
+
+def test_search_picks_the_best_val_lenpen():
+    trial = search_multi30k.Trial("en_de", "recipe", [], Path("x"))
+    assert trial.best_val() is None
+    trial.val = {"0.6": {"bleu_lc": 30.0}, "1.0": {"bleu_lc": 31.5}, "2.0": {}}
+    assert trial.best_val() == (31.5, "1.0")
+
+
+def test_plot_curves_draws_the_runs_scalars(tmp_path):
+    for run, scale in [("a", 1.0), ("b", 2.0)]:
+        writer = SummaryWriter(tmp_path / run / "tb")
+        for step in range(1, 6):
+            for tag in ("train/loss", "val/loss", "val/bleu", "train/lr"):
+                writer.add_scalar(tag, scale / step, step)
+        writer.close()
+    output = tmp_path / "img" / "curves.png"
+    result = subprocess.run([sys.executable, str(REPO / "scripts/plot_curves.py"),
+                             str(tmp_path / "a"), str(tmp_path / "b"), "--label", "A",
+                             "--output", str(output)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and output.stat().st_size > 10_000
