@@ -710,11 +710,13 @@ def adopt_architecture(cfg: DictConfig, model_cfg: dict[str, Any]) -> None:
 
 
 def load_weights(model: nn.Module, checkpoint: dict[str, Any]) -> None:
+    """The checkpoint's weights into ``model``; a CheckpointError when they do not fit (another
+    model config or vocabulary)."""
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
-        raise CheckpointError(f"the checkpoint's weights do not fit its own model config "
-                              f"with this run's vocabulary: {error}") from error
+        raise CheckpointError(f"the checkpoint does not fit this model config and vocabulary: "
+                              f"{error}") from error
 
 
 def find_resume(resume: str, run_dir: Path) -> dict[str, Any] | None:
@@ -738,11 +740,7 @@ def find_resume(resume: str, run_dir: Path) -> dict[str, Any] | None:
 
 
 def restore(run: Run, checkpoint: dict[str, Any]) -> None:
-    try:
-        run.model.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
-        raise CheckpointError(f"the checkpoint does not fit this model config: {error}"
-                              ) from error
+    load_weights(run.model, checkpoint)
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     run.scheduler.load_state_dict(checkpoint["scheduler"])
     run.scaler.load_state_dict(checkpoint["scaler"])
