@@ -423,11 +423,7 @@ def prepare_data(cfg: DataConfig, splits: Sequence[str] | None = None,
         tokenizer_key = _hash(CACHE_VERSION, "given", *[
             (type(t).__name__, getattr(t, "side", None), t.to_str()) for t in given_tokenizers])
     cache = Path(cfg.cache_dir) / f"{cfg.source}-{cfg.src_lang}-{cfg.tgt_lang}-{tokenizer_key}"
-    if given_tokenizers is None:
-        tokenizer_pair = _tokenizers(cfg, corpus, cache, log)
-    else:
-        cache.mkdir(parents=True, exist_ok=True)
-        tokenizer_pair = given_tokenizers
+    tokenizer_pair = given_tokenizers or _tokenizers(cfg, corpus, cache, log)
     encoded = {name: _encoded_split(cfg, corpus, name, tokenizer_pair, cache, log)
                for name in names}
     return TranslationData(*tokenizer_pair, encoded, cache)
@@ -504,6 +500,7 @@ def _encoded_split(cfg: DataConfig, corpus: FileCorpus | HubCorpus, split: str,
 def _encode_to_cache(encoder: _SplitEncoder, directory: Path) -> SplitStats:
     """Encode a split into a temporary folder, then rename it into place: a folder with
     ``stats.json`` is always a complete split, whatever interrupted an earlier run."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:
         _write_split(encoder, partial)
