@@ -118,14 +118,6 @@ def assert_same_run(run_dir: Path, expected_dir: Path, curves=CURVES) -> None:
     assert not list((run_dir / "checkpoints").glob(".*"))
 
 
-def wait_for_a_new_second(run_dir: Path) -> None:
-    """Before this process resumes a run that another one wrote: TensorBoard reads event
-    files in name order (creation second, then pid), so a writer made in the second of the
-    last one could sort before it and be purged by that file's resume marker."""
-    newest = max(int(path.name.split(".")[3]) for path in (run_dir / "tb").glob("events.*"))
-    time.sleep(max(0.0, newest + 1 - time.time()))
-
-
 def train_command(args: list[str]) -> list[str]:
     return [sys.executable, str(REPO / "train.py"), *args]
 
@@ -201,7 +193,6 @@ def test_kill_9_at_any_step_then_resume_auto_gives_the_uninterrupted_run(straigh
     assert resumed and int(resumed.group(1)) >= 8, run.log[-3000:]  # saved after step 8
     # The last rerun in this process: the same train() that train.py calls, without the
     # four seconds a new Python spends importing torch.
-    wait_for_a_new_second(run_dir)
     train(compose_config([*run_overrides(corpus, cache, MAX_STEPS), "trainer.resume=auto"]),
           run_dir)
     assert_same_run(run_dir, straight)
@@ -312,7 +303,6 @@ def test_sigterm_saves_at_the_next_step_exits_0_and_resumes_exactly(straight, co
     assert 10 <= step < MAX_STEPS
     assert Path(stopped.group(2)) == run_dir / "checkpoints" / f"checkpoint_{step}.pt"
     assert read_checkpoint(run_dir / "checkpoints" / "checkpoint_last.pt")["step"] == step
-    wait_for_a_new_second(run_dir)
     train(compose_config([*overrides, "trainer.resume=auto"]), run_dir)
     assert_same_run(run_dir, straight)
 
@@ -779,3 +769,25 @@ def test_any_corpus_gives_batches_or_one_data_error_naming_the_file(files, allow
             assert sorted(covered) == list(range(stats.kept))
             event(f"{name}: " + ", ".join(f"{why}" for why, n in stats.dropped.items() if n)
                   + (", truncated" if stats.truncated else "") + (", kept" if kept else ""))
+
+
+def test_a_new_event_file_sorts_after_the_ones_before_it(tmp_path):
+    """TensorBoard reads event files in name order: second, host, pid, counter. A writer
+    made in the same second as an earlier file that sorts later by the other fields (here
+    a host named "~", as from another machine or a larger pid) must still come after it,
+    or the old file's events land after the new ones and its purge marker hides them."""
+    from transformer.logging import TensorBoardLogger
+
+    log_dir = tmp_path / "tb"
+    first = TensorBoardLogger(log_dir)
+    first.scalars({"train/loss": 0.0}, 0)
+    first.close()
+    [made] = log_dir.glob("events.out.tfevents.*")
+    fields = made.name.split(".")
+    fields[4] = "~"  # sorts after any host name of letters and digits
+    made.rename(log_dir / ".".join(fields))
+    for step in (1, 2):  # resumed runs: each purges what came after its checkpoint
+        logger = TensorBoardLogger(log_dir, purge_step=step)
+        logger.scalars({"train/loss": float(step)}, step)
+        logger.close()
+    assert scalar_values(tmp_path, "train/loss") == [(0, 0.0), (1, 1.0), (2, 2.0)]

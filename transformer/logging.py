@@ -6,6 +6,7 @@ lines and in the value a sweep optimises.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,9 @@ class TensorBoardLogger(NullLogger):
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step drops events a crashed run logged after its last checkpoint, so a
-        # resumed run continues one clean curve.
+        # resumed run continues one clean curve. That needs the new event file to sort
+        # after the old ones.
+        wait_for_a_later_second(Path(log_dir))
         self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
 
     def scalars(self, metrics: dict[str, float], step: int) -> None:
@@ -72,3 +75,15 @@ class TensorBoardLogger(NullLogger):
 
     def close(self) -> None:
         self.writer.close()
+
+
+def wait_for_a_later_second(log_dir: Path) -> None:
+    """TensorBoard reads a directory's event files in name order, and a name starts with
+    the second the file was made, then host, pid and a per-process counter compared as
+    text. A file made in the same second as an earlier one could sort before it (its
+    events then come first, and a resume marker of the earlier file purges them), so a new
+    writer waits, at most a second, until the clock is past the newest file's second."""
+    seconds = [int(path.name.split(".")[3]) for path in log_dir.glob("events.out.tfevents.*")
+               if path.name.split(".")[3].isdigit()]
+    if seconds:
+        time.sleep(max(0.0, max(seconds) + 1 - time.time()))
