@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from transformer import MultiHeadAttention, Transformer
+from transformer.attention import causal_mask, explicit_attention, fused_attention
 from transformer.config import OptimConfig, SchedConfig
-from transformer.layers import Dropout
+from transformer.dropout import Dropout
 from transformer.loss import label_smoothed_cross_entropy, linear_label_smoothed_cross_entropy
 from transformer.optim import build_optimizer, build_scheduler
 from transformer.precision import Precision
@@ -150,18 +151,63 @@ def test_fused_qkv_projection_equals_three_products():
     torch.testing.assert_close(fused, separate, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.3])
 def test_cpu_dropout_keeps_the_distribution(p):
     torch.manual_seed(0)
     dropout = Dropout(p)
-    x = torch.ones(200_000, requires_grad=True)
+    n = 400_003  # not a multiple of the four elements one 64-bit draw serves
+    x = torch.ones(n, requires_grad=True)
     y = dropout(x)
     kept = y.ne(0)
-    assert abs(kept.float().mean().item() - (1 - p)) < 0.01
-    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / (1 - p)))
+    p_used = round(p * 65536) / 65536
+    assert abs(p_used - p) < 1e-5
+    # The drop rate within 5 standard deviations of a binomial's.
+    assert abs(1 - kept.double().mean().item() - p_used) < 5 * (p * (1 - p) / n) ** 0.5
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / (1 - p_used)))
+    # The expectation is exact: E[y] = x, up to the sampling noise of the mean.
+    assert abs(y.double().mean().item() - 1) < 5 * (p / (1 - p) / n) ** 0.5
+    # The four 16-bit coins of one draw are independent: neighbours agree as often as
+    # independent coins would.
+    k = kept.double()
+    for lag in (1, 2, 3, 4):
+        agree = (k[lag:] == k[:-lag]).double().mean().item()
+        expected = p_used**2 + (1 - p_used) ** 2
+        assert abs(agree - expected) < 0.01, lag
     y.sum().backward()
     torch.testing.assert_close(x.grad, y.detach())  # the gradient goes through the mask
     assert dropout.eval()(x) is x
+
+
+def test_cpu_dropout_follows_the_seed_and_the_dtype():
+    x = torch.ones(3, 5, 7, dtype=torch.bfloat16)
+    torch.manual_seed(1)
+    a = Dropout(0.2)(x)
+    torch.manual_seed(1)
+    b = Dropout(0.2)(x)
+    assert a.dtype == torch.bfloat16 and a.shape == x.shape
+    assert torch.equal(a, b)
+    assert not torch.equal(a, Dropout(0.2)(x))  # the next draw differs
+
+
+def test_attention_under_cpu_bf16_autocast_runs_in_float32():
+    """Under CPU bf16 autocast the fused path computes attention in float32 (the CPU
+    kernel's bf16 backward is slow): the result equals float32 attention of the
+    bf16-rounded inputs, rounded to bf16, and the gradients reach q, k and v."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 6, 8).bfloat16().requires_grad_() for _ in range(3))
+    mask = torch.ones(3, 1, 1, 6, dtype=torch.bool)
+    mask[0, ..., 4:] = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused_attention(q, k, v, mask, 0.0, False)
+        causal = fused_attention(q, k, v, None, 0.0, True)
+    assert out.dtype == torch.bfloat16
+    expected, _ = explicit_attention(q.double(), k.double(), v.double(), mask)
+    torch.testing.assert_close(out, expected.bfloat16(), rtol=2**-8, atol=1e-6)
+    expected_causal, _ = explicit_attention(q.double(), k.double(), v.double(),
+                                            causal_mask(6, 6))
+    torch.testing.assert_close(causal, expected_causal.bfloat16(), rtol=2**-8, atol=1e-6)
+    (out.float().sum() + causal.float().sum()).backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))
 
 
 def make_step(fused: bool, device: str = "cpu"):

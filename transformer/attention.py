@@ -103,16 +103,26 @@ class MultiHeadAttention(nn.Module):
             # Steps 2-6 in one fused kernel; a lone square causal mask goes in as a flag so
             # that the flash kernel can be used (the flag means top-left alignment).
             only_causal = is_causal and mask is causal and q.size(2) == k.size(2)
-            out = F.scaled_dot_product_attention(
-                q, k, v,
-                attn_mask=None if only_causal else mask,
-                dropout_p=dropout_p,
-                is_causal=only_causal,
-            )
+            out = fused_attention(q, k, v, None if only_causal else mask, dropout_p,
+                                  only_causal)
         B, _, Tq, _ = out.shape
         # Concatenate the heads, then W_O.
         out = self.out_proj(out.transpose(1, 2).reshape(B, Tq, self.d_model))  # (B, Tq, d)
         return (out, weights) if need_weights else out
+
+
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float,
+                    is_causal: bool) -> Tensor:
+    """``F.scaled_dot_product_attention``, except under CPU bf16 autocast, where it runs in
+    float32: the CPU flash kernel's bf16 backward is about 5x slower than its float32 one
+    at our sizes (docs/benchmarks.md), and these products are a small part of the FLOPs."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), mask,
+                                                 dropout_p, is_causal)
+        return out.to(torch.get_autocast_dtype("cpu"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                          is_causal=is_causal)
 
 
 def explicit_attention(

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transformer.attention import check_dropout
+from transformer.dropout import Dropout
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
@@ -25,7 +26,7 @@ class FeedForward(nn.Module):
         self.linear1 = nn.Linear(d_model, d_ff)
         self.linear2 = nn.Linear(d_ff, d_model)
         self.activation = ACTIVATIONS[activation]
-        self.dropout = nn.Dropout(dropout)  # on the hidden activations, as in fairseq
+        self.dropout = Dropout(dropout)  # on the hidden activations, as in fairseq
 
     def forward(self, x: Tensor) -> Tensor:
         # FFN(x) = act(x W1 + b1) W2 + b2, equation (2)

@@ -15,19 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from transformer.attention import MultiHeadAttention
+from transformer.dropout import Dropout
 from transformer.feed_forward import FeedForward
-
-
-class Dropout(nn.Dropout):
-    """``nn.Dropout`` (section 5.4), except that on the CPU the mask is drawn with
-    ``torch.rand``, about twice as fast there as the Bernoulli sampler behind
-    ``F.dropout``: the same distribution, another random stream (docs/benchmarks.md)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0 or x.device.type != "cpu":
-            return super().forward(x)
-        keep = torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))  # 0 or 1/(1-p)
-        return x * keep
 
 
 class Residual(nn.Module):

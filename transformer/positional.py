@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from transformer.attention import check_dropout
+from transformer.dropout import Dropout
 
 KINDS = ("sinusoidal", "sinusoidal_concat", "learned")
 
@@ -47,7 +48,7 @@ class PositionalEncoding(nn.Module):
             self.register_buffer("table", table, persistent=False)
         else:
             self.table = nn.Parameter(torch.empty(max_len, d_model).normal_(0, d_model**-0.5))
-        self.dropout = nn.Dropout(dropout)  # on the sums, section 5.4
+        self.dropout = Dropout(dropout)  # on the sums, section 5.4
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
         """Add the encodings of positions offset .. offset+T-1 (offset > 0 when decoding
