@@ -4,6 +4,7 @@ One process, the same random token batches, sizes, precision, loss (label-smooth
 entropy), optimizer (AdamW 0.9/0.98/1e-9), schedule and clipping for all:
 
     python scripts/benchmark.py --preset cpu-small            # 2-core CPU, fp32, ~1.5 min
+    python scripts/benchmark.py --preset cpu-small --precision bf16  # CPU autocast (AMX)
     python scripts/benchmark.py --preset gpu-base --decode    # base model, bf16, H100
     python scripts/benchmark.py --preset gpu-base --compile --json compiled.json
     python scripts/benchmark.py --summarize eager.json compiled.json  # one table
@@ -44,7 +45,7 @@ from transformer import trainer  # noqa: E402
 from transformer.attention import MultiHeadAttention  # noqa: E402
 from transformer.config import OptimConfig, SchedConfig  # noqa: E402
 from transformer.decoding import beam_search  # noqa: E402
-from transformer.layers import Dropout  # noqa: E402
+from transformer.dropout import Dropout  # noqa: E402
 from transformer.loss import label_smoothed_cross_entropy  # noqa: E402
 from transformer.model import Transformer  # noqa: E402
 from transformer.optim import build_optimizer, build_scheduler  # noqa: E402
@@ -83,6 +84,11 @@ PRESETS = {
     "cpu-small": Preset(d_model=256, n_heads=4, n_layers=3, d_ff=1024, vocab_size=8000,
                         batch_size=64, src_len=24, tgt_len=24, precision="fp32",
                         warmup=3, steps=1, rounds=15, decode_batch=16, decode_len=24),
+    # The Multi30k recipe's sizes (configs/experiment/multi30k_en_de.yaml, post-norm here
+    # like every preset) at its ~4,096-token batches.
+    "cpu-recipe": Preset(d_model=128, n_heads=4, n_layers=4, d_ff=256, vocab_size=4000,
+                         batch_size=160, src_len=26, tgt_len=26, precision="fp32",
+                         warmup=3, steps=1, rounds=15, decode_batch=16, decode_len=24),
     "gpu-base": Preset(d_model=512, n_heads=8, n_layers=6, d_ff=2048, vocab_size=32000,
                        batch_size=256, src_len=64, tgt_len=64, precision="bf16",
                        warmup=10, steps=20, rounds=1, decode_batch=128, decode_len=64),
@@ -507,6 +513,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--systems", default="ours,torch,marian",
                         help=f"comma-separated, of {', '.join([*OURS_VARIANTS, *PEERS])}")
     parser.add_argument("--compile", action="store_true", help="torch.compile every system")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                        help="for every system (default: the preset's)")
     parser.add_argument("--steps", type=int, help="timed steps a round (default: the preset's)")
     parser.add_argument("--warmup", type=int, help="untimed steps (default: the preset's)")
     parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default: "
@@ -527,7 +535,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
     p = PRESETS[args.preset]
     p = replace(p, steps=args.steps or p.steps, rounds=args.rounds or p.rounds,
-                warmup=p.warmup if args.warmup is None else args.warmup)
+                warmup=p.warmup if args.warmup is None else args.warmup,
+                precision=args.precision or p.precision)
     device = resolve_device(args.device)
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"CPU {platform.machine()}, {torch.get_num_threads()} threads")

@@ -45,3 +45,20 @@ def test_plot_curves_draws_the_runs_scalars(tmp_path):
                              "--output", str(output)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and output.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_benchmark_measures_every_system_at_one_precision(precision, tmp_path):
+    """The benchmark's tiny smoke preset: a row per system, same FLOPs for the lever
+    variants of ours, and the precision given on the command line for all of them."""
+    import benchmark
+
+    report = benchmark.main(["--preset", "tiny", "--device", "cpu", "--precision", precision,
+                             "--systems", "ours,ours-native-dropout,torch",
+                             "--json", str(tmp_path / "r.json")])
+    rows = {row["system"]: row for row in report["training"]}
+    assert set(rows) == {"ours", "ours-native-dropout", "torch"}
+    assert report["sizes"]["precision"] == precision
+    assert all(row["tokens_per_s"] > 0 for row in rows.values())
+    assert rows["ours"]["flops_per_step"] == rows["ours-native-dropout"]["flops_per_step"] > 0
+    assert (tmp_path / "r.json").exists()
