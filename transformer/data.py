@@ -65,6 +65,16 @@ class DataError(ValueError):
 
 # ----------------------------------------------------------------------------- text files
 
+def read_parallel_lines(src_path: str | Path, tgt_path: str | Path
+                        ) -> tuple[list[str], list[str]]:
+    """The lines of two parallel files, which must have as many lines each."""
+    src_lines, tgt_lines = read_lines(src_path), read_lines(tgt_path)
+    if len(src_lines) != len(tgt_lines):
+        raise DataError(f"line counts differ: {src_path} has {len(src_lines)} lines, "
+                        f"{tgt_path} has {len(tgt_lines)}")
+    return src_lines, tgt_lines
+
+
 def read_lines(path: str | Path) -> list[str]:
     """The lines of a plain or .gz UTF-8 text file, split at ``\\n`` only, without the
     ``\\n`` or a ``\\r`` before it; a lone ``\\r`` stays inside its line."""
@@ -143,12 +153,7 @@ class FileCorpus:
 
     def _read(self, split: str) -> tuple[list[str], list[str]]:
         if split not in self._lines:  # the training split is read twice: BPE, then ids
-            src_path, tgt_path = self.paths(split)
-            src_lines, tgt_lines = read_lines(src_path), read_lines(tgt_path)
-            if len(src_lines) != len(tgt_lines):
-                raise DataError(f"line counts differ: {src_path} has {len(src_lines)} lines, "
-                                f"{tgt_path} has {len(tgt_lines)}")
-            self._lines[split] = src_lines, tgt_lines
+            self._lines[split] = read_parallel_lines(*self.paths(split))
         return self._lines[split]
 
     def where(self, split: str, index: int) -> str:

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from transformer.checkpoint import average_checkpoints, last_checkpoints, load_checkpoint
 from transformer.config import DataConfig, EvalConfig
-from transformer.data import DataError, open_corpus, read_lines
+from transformer.data import DataError, open_corpus, read_lines, read_parallel_lines
 from transformer.decoding import translate
 from transformer.precision import resolve_device
 
@@ -115,11 +115,6 @@ def read_splits(data: DataConfig, splits: list[str]) -> dict[str, tuple[list[str
 
 
 def read_file_pair(src_file: str, ref_file: str | None) -> tuple[list[str], list[str] | None]:
-    sources = read_lines(src_file)
     if ref_file is None:
-        return sources, None
-    references = read_lines(ref_file)
-    if len(sources) != len(references):
-        raise DataError(f"line counts differ: {src_file} has {len(sources)} lines, "
-                        f"{ref_file} has {len(references)}")
-    return sources, references
+        return read_lines(src_file), None
+    return read_parallel_lines(src_file, ref_file)
