@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transformer.model import Transformer
+from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 NEG_INF = float("-inf")
 
@@ -67,11 +68,11 @@ class Hypothesis:
 
 @dataclass
 class SpecialIds:
-    """The ids the search treats specially (``transformer.tokenizer`` defines the same)."""
+    """The ids the search treats specially (the defaults: ``transformer.tokenizer``'s)."""
 
-    bos: int = 1
-    eos: int = 2
-    pad: int = 0
+    bos: int = BOS_ID
+    eos: int = EOS_ID
+    pad: int = PAD_ID
 
 
 class Prefixes:
@@ -163,8 +164,9 @@ def check_arguments(src_tokens: Tensor, beam: int, n_best: int, min_len: int) ->
 
 @torch.inference_mode()
 def greedy_search(model: Transformer, src_tokens: Tensor, max_len_a: float = 1.2,
-                  max_len_b: int = 10, min_len: int = 1, bos_id: int = 1, eos_id: int = 2,
-                  pad_id: int = 0, use_cache: bool = True) -> list[Hypothesis]:
+                  max_len_b: int = 10, min_len: int = 1, bos_id: int = BOS_ID,
+                  eos_id: int = EOS_ID, pad_id: int = PAD_ID, use_cache: bool = True
+                  ) -> list[Hypothesis]:
     """The most probable next token at each step, for each of ``src_tokens`` (B, S).
 
     -> one ``Hypothesis`` a sentence, in input order; its score is the mean
@@ -185,11 +187,13 @@ def greedy_search(model: Transformer, src_tokens: Tensor, max_len_a: float = 1.2
             best, tokens = lprobs.max(dim=-1)  # (N,)
             logprobs = logprobs + best
             ended = tokens.eq(eos_id).cpu()  # (N,)
-            for row in ended.nonzero().flatten().tolist():
-                logprob = logprobs[row].item()
-                results[sentences[row].item()] = Hypothesis(
-                    prefixes.tokens[row, 1:].tolist(), normalized(logprob, step + 1, 1.0),
-                    logprob)
+            if ended.any():  # the ended rows' tokens and scores reach the host together
+                done = ended.nonzero().flatten().to(tokens.device)
+                for sentence, row_tokens, logprob in zip(
+                        sentences[ended].tolist(), prefixes.tokens[done, 1:].tolist(),
+                        logprobs[done].tolist(), strict=True):
+                    results[sentence] = Hypothesis(
+                        row_tokens, normalized(logprob, step + 1, 1.0), logprob)
             if ended.all():
                 return results
             rows = None
@@ -300,8 +304,9 @@ def collect_finished(candidates: Candidates, prefixes: Prefixes, sentences: Tens
 @torch.inference_mode()
 def beam_search(model: Transformer, src_tokens: Tensor, beam: int = 5, lenpen: float = 0.6,
                 max_len_a: float = 1.2, max_len_b: int = 10, min_len: int = 1,
-                bos_id: int = 1, eos_id: int = 2, pad_id: int = 0, use_cache: bool = True,
-                n_best: int = 1, early_stopping: bool = False) -> list[list[Hypothesis]]:
+                bos_id: int = BOS_ID, eos_id: int = EOS_ID, pad_id: int = PAD_ID,
+                use_cache: bool = True, n_best: int = 1, early_stopping: bool = False
+                ) -> list[list[Hypothesis]]:
     """Beam search for each of ``src_tokens`` (B, S), batched over sentences and beams.
 
     -> for each sentence, in input order, its ``n_best`` hypotheses, best score first.
@@ -390,7 +395,7 @@ def translate_ids(model: Transformer, src_ids: list[list[int]], beam: int = 5,
     BOS and EOS), in order. Sorted by length and batched by ``max_tokens`` padded source
     tokens; a source with no token before EOS gives [] without running the model. Runs on
     the model's device, in the caller's precision (autocast stays the caller's choice)."""
-    eos_id, pad_id = search_kwargs.get("eos_id", 2), search_kwargs.get("pad_id", 0)
+    eos_id, pad_id = search_kwargs.get("eos_id", EOS_ID), search_kwargs.get("pad_id", PAD_ID)
     device = next(model.parameters()).device
     todo = [i for i, ids in enumerate(src_ids) if ids and ids != [eos_id]]
     outputs: list[list[int]] = [[] for _ in src_ids]
@@ -418,7 +423,7 @@ def translate(model: Transformer, tokenizer: TextTokenizer, sentences: list[str]
     todo = [i for i, sentence in enumerate(sentences) if sentence.strip()]
     if not todo:
         return outputs
-    eos_id = search_kwargs.get("eos_id", 2)
+    eos_id = search_kwargs.get("eos_id", EOS_ID)
     src_ids = [ids + [eos_id] for ids in tokenizer.encode_batch([sentences[i] for i in todo])]
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
