@@ -11,7 +11,8 @@ class Dropout(nn.Dropout):
     random bits instead of a float from the Bernoulli sampler behind ``F.dropout``: one
     64-bit draw serves four elements, which makes the mask about 3x cheaper there
     (docs/benchmarks.md). An element is dropped with probability ``round(p * 65536) /
-    65536`` (within 1e-5 of p) and the kept ones are scaled to keep the expectation exact."""
+    65536`` (within 1e-5 of p) and the kept ones are scaled by ``1 / (1 - that)``, which
+    keeps the expectation exact (in bf16 up to the scale's rounding, as with ``F.dropout``)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0 or x.device.type != "cpu":
