@@ -83,7 +83,7 @@ def wait_for_a_later_second(log_dir: Path) -> None:
     text. A file made in the same second as an earlier one could sort before it (its
     events then come first, and a resume marker of the earlier file purges them), so a new
     writer waits, at most a second, until the clock is past the newest file's second."""
-    seconds = [int(path.name.split(".")[3]) for path in log_dir.glob("events.out.tfevents.*")
-               if path.name.split(".")[3].isdigit()]
+    stamps = [path.name.split(".")[3] for path in log_dir.glob("events.out.tfevents.*")]
+    seconds = [int(stamp) for stamp in stamps if stamp.isdigit()]
     if seconds:
         time.sleep(max(0.0, max(seconds) + 1 - time.time()))
