@@ -6,8 +6,9 @@
     echo "A dog runs." | python evaluate.py checkpoint=PATH mode=interactive
 
 Prints sacreBLEU (cased, detokenized, with its signature), lowercased BLEU and chrF per
-split, and writes the translations to ``output_dir/<split>.<src>-<tgt>.hyp``. Logs go to
-stderr, so in interactive mode stdout holds only translations.
+split, and writes the translations to ``output_dir/<split>.<src>-<tgt>.hyp`` (by default
+``translations/`` in the checkpoint's run directory). Logs go to stderr, so in interactive
+mode stdout holds only translations.
 """
 
 from __future__ import annotations

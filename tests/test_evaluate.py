@@ -21,7 +21,7 @@ from transformer.checkpoint import (
     save_checkpoint,
 )
 from transformer.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
-from transformer.evaluation import evaluate, score
+from transformer.evaluation import default_output_dir, evaluate, score
 from transformer.model import build_model
 from transformer.tokenizer import Tokenizer
 
@@ -133,6 +133,20 @@ def test_files_mode_writes_hypotheses_and_scores(tmp_path, capsys):
     assert set(results["in.en"]) >= {"bleu", "bleu_lc", "chrf", "bleu_signature"}
     assert len((tmp_path / "in.en.hyp").read_text().splitlines()) == 6
     assert "BLEU" in capsys.readouterr().out
+
+
+def test_translations_go_to_the_run_directory_by_default(tmp_path):
+    path = make_checkpoint(tmp_path / "run" / "checkpoints" / "checkpoint_100.pt")
+    src, ref = make_toy_pairs(4, seed=5)
+    (tmp_path / "in.en").write_text("\n".join(src) + "\n")
+    (tmp_path / "ref.de").write_text("\n".join(ref) + "\n")
+    evaluate(eval_config(checkpoint=str(path), mode="files", src_file=str(tmp_path / "in.en"),
+                         ref_file=str(tmp_path / "ref.de")))
+    assert len((tmp_path / "run" / "translations" / "in.en.hyp").read_text().splitlines()) == 4
+    translations = tmp_path / "run" / "translations"
+    assert default_output_dir(str(tmp_path / "run")) == translations  # average_last's form
+    assert default_output_dir(str(tmp_path / "run" / "checkpoints")) == translations
+    assert default_output_dir(str(tmp_path / "avg.pt")) == tmp_path / "translations"
 
 
 def test_splits_mode_reads_the_checkpoints_corpus(tmp_path, write_corpus):

@@ -157,7 +157,7 @@ class EvalConfig:
     batch_tokens: int = 8192
     device: str = "auto"
     data_root: str | None = None  # overrides the checkpoint's data.root
-    output_dir: str = "."
+    output_dir: str | None = None  # None: translations/ in the checkpoint's run directory
     scores_file: str | None = None  # also write the scores of every split here, as JSON
 
 

@@ -65,11 +65,22 @@ def evaluate(cfg: EvalConfig | DictConfig, stdin: TextIO = sys.stdin,
         named = read_splits(data_config(train_cfg, cfg), list(cfg.splits))
     else:
         raise DataError(f"mode={cfg.mode!r} is not one of ['splits', 'files', 'interactive']")
-    scores = {name: translate_and_score(name, sources, references, run, Path(cfg.output_dir))
+    output_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg.checkpoint)
+    scores = {name: translate_and_score(name, sources, references, run, output_dir)
               for name, (sources, references) in named.items()}
     if cfg.scores_file:
         Path(cfg.scores_file).write_text(json.dumps(scores, indent=2) + "\n")
     return scores
+
+
+def default_output_dir(checkpoint: str) -> Path:
+    """``translations/`` beside the run's checkpoints: in the run directory, whether
+    ``checkpoint`` names it, its ``checkpoints/`` folder or a file in that folder."""
+    path = Path(checkpoint)
+    run_dir = path if path.is_dir() else path.parent
+    if run_dir.name == "checkpoints":
+        run_dir = run_dir.parent
+    return run_dir / "translations"
 
 
 def interactive(run, stdin: Iterable[str], stdout: TextIO) -> None:
