@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from transformer.checkpoint import read_checkpoint
 from transformer.config import register_configs
-from transformer.trainer import train
+from transformer.trainer import bleu_statistics, train
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_TAGS = {"train/loss", "train/nll_loss", "train/ppl", "train/lr", "train/grad_norm",
@@ -172,3 +172,10 @@ def test_early_stopping_after_patience_validations(multi30k_dir, data_cache, tmp
     best = train(cfg, tmp_path)
     assert best == 5.0
     assert read_checkpoint(tmp_path / "checkpoints" / "checkpoint_last.pt")["step"] == 6
+
+
+def test_validation_bleu_is_lowercased_for_a_lowercasing_tokenizer():
+    # Hand-counted: only "A"/"a" differs, so 3 of 4 unigrams match cased and 4 of 4 lowercased.
+    cased = bleu_statistics(["A dog runs ."], ["a dog runs ."])
+    lowercased = bleu_statistics(["A dog runs ."], ["a dog runs ."], lowercase=True)
+    assert cased[0] == 3 and lowercased[0] == 4 and cased[4] == lowercased[4] == 4

@@ -578,8 +578,9 @@ def validation_metrics(run: Run, split: EncodedSplit) -> dict[str, float]:
 
 
 def validation_bleu(run: Run, split: EncodedSplit) -> float:
-    """Corpus BLEU of the first val_max_sentences; under DDP each rank translates every
-    world_size-th sentence and the n-gram statistics are summed over ranks."""
+    """Corpus BLEU of the first val_max_sentences, lowercased when the tokenizer lowercases
+    (``data.lowercase``); under DDP each rank translates every world_size-th sentence and
+    the n-gram statistics are summed over ranks."""
     n = run.cfg.trainer.val_max_sentences or len(split.src_ids)
     mine = range(run.ddp.rank, n, run.ddp.world_size)
     src_ids = [split.src_ids[i] + [EOS_ID] for i in mine]
@@ -594,19 +595,20 @@ def validation_bleu(run: Run, split: EncodedSplit) -> float:
         run.logger.text(f"val/example_{example}", f"**source:** {split.src_text[i]}  \n"
                         f"**reference:** {references[example]}  \n"
                         f"**hypothesis:** {hypotheses[example]}", run.state.step)
-    stats = bleu_statistics(hypotheses, references)
+    stats = bleu_statistics(hypotheses, references, lowercase=run.cfg.data.lowercase)
     stats = sum_over_ranks(torch.tensor(stats, dtype=torch.float64, device=run.device),
                            run.ddp).long().tolist()
     return BLEU.compute_bleu(correct=stats[0:4], total=stats[4:8], sys_len=stats[8],
                              ref_len=stats[9], smooth_method="exp").score
 
 
-def bleu_statistics(hypotheses: list[str], references: list[str]) -> list[int]:
+def bleu_statistics(hypotheses: list[str], references: list[str], lowercase: bool = False
+                    ) -> list[int]:
     """BLEU's sufficient statistics, which add up over parts of a corpus: matching and total
     n-grams for n = 1..4, hypothesis and reference lengths (sacrebleu's defaults)."""
     if not hypotheses:
         return [0] * 10
-    score = sacrebleu.corpus_bleu(hypotheses, [references])
+    score = sacrebleu.corpus_bleu(hypotheses, [references], lowercase=lowercase)
     return [*score.counts, *score.totals, score.sys_len, score.ref_len]
 
 
