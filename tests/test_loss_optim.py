@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from transformer.config import OptimConfig, SchedConfig
-from transformer.loss import label_smoothed_cross_entropy
+from transformer.loss import label_smoothed_cross_entropy, rdrop_cross_entropy
 from transformer.optim import build_optimizer, build_scheduler, lr_factor
 
 
@@ -28,6 +28,44 @@ def test_loss_by_hand():
     loss, nll = label_smoothed_cross_entropy(torch.zeros(2, 2), torch.tensor([1, 0]), 0.1)
     assert nll.item() == pytest.approx(math.log(2))
     assert loss.item() == pytest.approx(math.log(2))
+
+
+def naive_rdrop(logits, target, epsilon, alpha):
+    """The R-Drop paper's objective (CE_1 + CE_2 + alpha/2 (KL_12 + KL_21)) summed over the
+    real tokens, in float64 from torch's own losses, halved."""
+    keep = target.ne(0)
+    ce = sum(F.cross_entropy(x, target, ignore_index=0, reduction="sum", label_smoothing=epsilon)
+             for x in logits)
+    lp, lq = (F.log_softmax(x[keep], dim=-1) for x in logits)
+    kl = (F.kl_div(lq, lp, log_target=True, reduction="sum")  # KL(p || q)
+          + F.kl_div(lp, lq, log_target=True, reduction="sum"))
+    return (ce + alpha / 2 * kl) / 2
+
+
+def test_rdrop_loss_and_gradient_match_naive_float64():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 12, 17, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(1, 17, (12,))
+    target[[3, 7]] = 0  # padding
+    loss, nll = rdrop_cross_entropy(logits, target, epsilon=0.1, alpha=5.0)
+    expected = naive_rdrop(logits, target, 0.1, 5.0)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
+    expected_nll = sum(F.cross_entropy(x, target, ignore_index=0, reduction="sum")
+                       for x in logits) / 2
+    torch.testing.assert_close(nll.double(), expected_nll, rtol=1e-5, atol=1e-5)
+    grad, = torch.autograd.grad(loss, logits)
+    expected_grad, = torch.autograd.grad(expected, logits)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
+    assert grad[:, [3, 7]].abs().max() == 0  # padding gets no gradient
+
+
+def test_rdrop_of_two_equal_passes_is_the_plain_loss():
+    torch.manual_seed(1)
+    once = torch.randn(9, 11)
+    target = torch.randint(0, 11, (9,))
+    loss, nll = rdrop_cross_entropy(torch.stack([once, once]), target, 0.1, alpha=5.0)
+    plain_loss, plain_nll = label_smoothed_cross_entropy(once, target, 0.1)
+    torch.testing.assert_close((loss, nll), (plain_loss, plain_nll))
 
 
 def test_inverse_sqrt_schedule():

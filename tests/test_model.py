@@ -244,6 +244,7 @@ def test_attention_maps_are_recorded():
     (dict(d_model=30, n_heads=4), "d_model=30"),
     (dict(dropout=1.0), "dropout=1.0"),
     (dict(dropout=-0.1), "dropout=-0.1"),
+    (dict(token_dropout=1.0), "token_dropout=1.0"),
     (dict(share_embeddings="encoder"), "share_embeddings='encoder'"),
     (dict(activation="tanh"), "activation='tanh'"),
 ])
@@ -255,3 +256,24 @@ def test_bad_arguments_name_themselves(kwargs, name):
 def test_share_all_needs_one_vocabulary():
     with pytest.raises(ValueError, match="src_vocab_size=10"):
         Transformer(10, 12, d_model=32, n_heads=4, share_embeddings="all")
+
+
+def test_token_dropout_drops_whole_token_vectors():
+    """Word dropout: a token's embedding is all zeros or all scaled by 1/(1-p); about p of
+    the tokens are dropped; nothing changes in eval mode or before the positions."""
+    torch.manual_seed(0)
+    p = 0.25
+    model = Transformer(50, 50, d_model=16, n_heads=2, n_encoder_layers=1, n_decoder_layers=1,
+                        d_ff=32, dropout=0.0, token_dropout=p)
+    embedding = model.encoder.embedding
+    tokens = torch.randint(1, 50, (64, 40))
+    plain = embedding.tokens(tokens) * embedding.scale  # (B, T, d), before the positions
+    positions = embedding(tokens) - embedding.positions(torch.zeros_like(plain))
+    embedding.eval()
+    torch.testing.assert_close(embedding(tokens), embedding.positions(plain))
+    embedding.train()
+    dropped = positions.abs().amax(-1).eq(0)  # (B, T)
+    kept = ~dropped
+    torch.testing.assert_close(positions[kept], plain[kept] / (1 - p), rtol=1e-4, atol=1e-5)
+    assert abs(dropped.float().mean().item() - p) < 0.03  # 2560 tokens: sd ~0.009
+    assert model.decoder.embedding.token_dropout.dropout.p == p  # the target side too

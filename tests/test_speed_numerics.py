@@ -18,7 +18,7 @@ from transformer.dropout import Dropout
 from transformer.loss import label_smoothed_cross_entropy, linear_label_smoothed_cross_entropy
 from transformer.optim import build_optimizer, build_scheduler
 from transformer.precision import Precision
-from transformer.trainer import batch_loss, train_step
+from transformer.trainer import batch_loss, rdrop_batch_loss, train_step
 
 PAD = 0
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -140,6 +140,23 @@ def test_batch_loss_and_gradients_equal_the_logits_path():
     torch.testing.assert_close(nll, expected_nll, rtol=1e-10, atol=1e-12)
     for name, p in model.named_parameters():
         torch.testing.assert_close(fused_grads[name], p.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_rdrop_batch_loss_without_dropout_is_the_plain_loss():
+    """Both R-Drop passes of a model without dropout are the same: no KL term, and the
+    loss and gradients are the plain loss's (this also checks that each copy's logits
+    meet their own sentence's targets)."""
+    model, batch = tiny_model_and_batch()
+    loss, nll = rdrop_batch_loss(model, batch, 0.1, alpha=5.0)
+    loss.backward()
+    rdrop_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    expected, expected_nll = batch_loss(model, batch, 0.1)
+    expected.backward()
+    torch.testing.assert_close((loss.double(), nll.double()), (expected, expected_nll),
+                               rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(rdrop_grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_fused_qkv_projection_equals_three_products():

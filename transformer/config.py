@@ -31,6 +31,7 @@ class ModelConfig:
     dropout: float = 0.1  # residual and embedding dropout, section 5.4
     attention_dropout: float = 0.0
     activation_dropout: float = 0.0
+    token_dropout: float = 0.0  # drop whole source and target token embeddings (word dropout)
     norm_first: bool = False  # False: the paper's post-norm
     share_embeddings: str = "none"  # none | decoder | all
     activation: str = "relu"  # relu | gelu | silu
@@ -105,6 +106,7 @@ class TrainerConfig:
     patience: int | None = None  # validations without improvement before stopping
     log_every_steps: int = 50
     label_smoothing: float = 0.1
+    rdrop_alpha: float = 0.0  # > 0: R-Drop, each batch twice (twice the cost per token)
     best_metric: str = "bleu"  # bleu | loss
     val_max_sentences: int | None = None  # decode only this many val sentences for BLEU
     val_beam: int = 1  # 1: greedy translations for val/bleu
@@ -193,10 +195,11 @@ POSITIVE = ("model.d_model", "model.n_heads", "model.n_encoder_layers", "model.n
             "trainer.val_max_sentences", "trainer.val_beam", "trainer.max_skipped_steps",
             "trainer.dist_timeout_s")
 NON_NEGATIVE = ("optim.eps", "optim.weight_decay", "sched.warmup_steps", "sched.min_lr",
-                "trainer.clip_norm", "trainer.overfit_batches", "logger.n_examples",
+                "trainer.clip_norm", "trainer.rdrop_alpha", "trainer.overfit_batches",
+                "logger.n_examples",
                 "trainer.max_steps")  # 0: only save the start (e.g. of a converted model)
 FRACTIONS = ("model.dropout", "model.attention_dropout", "model.activation_dropout",
-             "trainer.label_smoothing")
+             "model.token_dropout", "trainer.label_smoothing")
 RANGES = ((POSITIVE, lambda value: 0 < value < math.inf, "a positive number"),
           (NON_NEGATIVE, lambda value: 0 <= value < math.inf, "a number >= 0"),
           (FRACTIONS, lambda value: 0 <= value < 1, "in [0, 1)"))

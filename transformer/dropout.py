@@ -1,4 +1,4 @@
-"""Dropout (paper section 5.4) with a cheaper mask on the CPU."""
+"""Dropout (paper section 5.4) with a cheaper mask on the CPU, and token dropout."""
 
 from __future__ import annotations
 
@@ -27,3 +27,19 @@ def dropout_mask(x: Tensor, p: float) -> Tensor:
     words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device)
     bits = words.random_(-2**63, None).view(torch.int16)[: x.numel()].view(x.shape)
     return bits.ge(n_dropped - 32768).to(x.dtype).mul_(65536 / (65536 - n_dropped))
+
+
+class TokenDropout(nn.Module):
+    """Word dropout (Sennrich and Zhang 2019, "Revisiting Low-Resource Neural Machine
+    Translation"): in training, each token's whole embedding vector (B, T, d) is zeroed
+    with probability p and the kept ones are scaled by 1/(1-p), so the model must guess
+    the word from its context. Not in the paper; off (p=0) by default."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.dropout = Dropout(p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.dropout.p == 0.0:
+            return x
+        return x * self.dropout(x.new_ones(x.shape[:-1] + (1,)))  # one coin a token

@@ -21,12 +21,39 @@ def label_smoothed_cross_entropy(
     The log-softmax runs in float32 whatever the logits' dtype: bf16 log-probabilities
     lose the small differences that label smoothing and perplexity depend on.
     """
-    lprobs = F.log_softmax(logits.float(), dim=-1)  # (N, V)
+    return smoothed_nll(F.log_softmax(logits.float(), dim=-1), target, epsilon, ignore_index)
+
+
+def smoothed_nll(lprobs: Tensor, target: Tensor, epsilon: float, ignore_index: int
+                 ) -> tuple[Tensor, Tensor]:
+    """``label_smoothed_cross_entropy`` from log-probabilities (N, V)."""
     keep = target.ne(ignore_index)  # (N,)
     nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (N,)
     smooth = -lprobs.mean(dim=-1)  # (N,) cross-entropy against the uniform distribution
     loss = (1.0 - epsilon) * nll + epsilon * smooth
     return loss.masked_fill(~keep, 0.0).sum(), nll.masked_fill(~keep, 0.0).sum()
+
+
+def rdrop_cross_entropy(
+    logits: Tensor, target: Tensor, epsilon: float = 0.1, alpha: float = 5.0,
+    ignore_index: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """R-Drop (Liang et al. 2021, "R-Drop: Regularized Dropout for Neural Networks"): the
+    same tokens go through the model twice, with different dropout masks, and the two
+    predicted distributions are pulled together. logits (2, N, V): the two passes over
+    target (N,) -> (loss sum, nll sum) over the N tokens, fp32, where a token's loss is
+
+        (CE_1 + CE_2) / 2 + alpha / 4 * (KL(p_1 || p_2) + KL(p_2 || p_1))
+
+    with CE the label-smoothed cross-entropy: the paper's objective halved, so that alpha
+    means what it means there (5 for translation) and the loss is comparable with a plain
+    run's. The nll sum is the two passes' mean."""
+    lprobs = F.log_softmax(logits.float(), dim=-1)  # (2, N, V)
+    loss, nll = smoothed_nll(lprobs.flatten(0, 1), target.repeat(2), epsilon, ignore_index)
+    # KL(p||q) + KL(q||p) = sum_v (p_v - q_v)(log p_v - log q_v)
+    both_kl = ((lprobs[0].exp() - lprobs[1].exp()) * (lprobs[0] - lprobs[1])).sum(-1)  # (N,)
+    both_kl = both_kl.masked_fill(target.eq(ignore_index), 0.0).sum()
+    return loss / 2 + alpha / 4 * both_kl, nll / 2
 
 
 def linear_label_smoothed_cross_entropy(

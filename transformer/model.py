@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from transformer.attention import MultiHeadAttention, check_dropout
 from transformer.config import ModelConfig
+from transformer.dropout import TokenDropout
 from transformer.feed_forward import ACTIVATIONS, FeedForward
 from transformer.layers import DecoderLayer, EncoderLayer, LayerCache
 from transformer.positional import PositionalEncoding
@@ -28,17 +29,20 @@ SHARE_EMBEDDINGS = ("none", "decoder", "all")
 
 class Embedding(nn.Module):
     """Token embeddings scaled by sqrt(d_model) (section 3.4; ``scale=False`` leaves them
-    unscaled, as some imported models expect), then positions (3.5)."""
+    unscaled, as some imported models expect), then positions (3.5). ``token_dropout``
+    drops whole token vectors in training, before the positions are added."""
 
     def __init__(self, vocab_size: int, d_model: int, pad_id: int, positions: PositionalEncoding,
-                 scale: bool = True):
+                 scale: bool = True, token_dropout: float = 0.0):
         super().__init__()
         self.tokens = nn.Embedding(vocab_size, d_model, padding_idx=pad_id)
+        self.token_dropout = TokenDropout(token_dropout)
         self.positions = positions
         self.scale = math.sqrt(d_model) if scale else 1.0
 
     def forward(self, tokens: Tensor, offset: int = 0) -> Tensor:
-        return self.positions(self.tokens(tokens) * self.scale, offset)  # (B, T, d)
+        x = self.token_dropout(self.tokens(tokens) * self.scale)
+        return self.positions(x, offset)  # (B, T, d)
 
 
 class Encoder(nn.Module):
@@ -109,10 +113,12 @@ class Transformer(nn.Module):
         activation_dropout: float = 0.0,
         scale_embedding: bool = True,
         output_bias: bool = False,
+        token_dropout: float = 0.0,
     ):
         super().__init__()
         check_arguments(src_vocab_size, tgt_vocab_size, d_model, n_heads, dropout,
                         share_embeddings, activation)
+        check_dropout("token_dropout", token_dropout)
         self.pad_id, self.d_model = pad_id, d_model
 
         def attention() -> MultiHeadAttention:
@@ -126,7 +132,8 @@ class Transformer(nn.Module):
 
         def embedding(vocab_size: int) -> Embedding:
             positions = PositionalEncoding(d_model, max_len, dropout, positional)
-            return Embedding(vocab_size, d_model, pad_id, positions, scale_embedding)
+            return Embedding(vocab_size, d_model, pad_id, positions, scale_embedding,
+                             token_dropout)
 
         src_embedding, tgt_embedding = embedding(src_vocab_size), embedding(tgt_vocab_size)
         if share_embeddings == "all":
@@ -216,6 +223,7 @@ def build_model(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) -> T
         activation=cfg.activation, positional=cfg.positional,
         attention_dropout=cfg.attention_dropout, activation_dropout=cfg.activation_dropout,
         scale_embedding=cfg.scale_embedding, output_bias=cfg.output_bias,
+        token_dropout=cfg.token_dropout,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -60,7 +61,11 @@ from transformer.distributed import (
     wrap_for_training,
 )
 from transformer.logging import NullLogger, TensorBoardLogger
-from transformer.loss import label_smoothed_cross_entropy, linear_label_smoothed_cross_entropy
+from transformer.loss import (
+    label_smoothed_cross_entropy,
+    linear_label_smoothed_cross_entropy,
+    rdrop_cross_entropy,
+)
 from transformer.model import Transformer, build_model, count_parameters, keep_attention_weights
 from transformer.optim import build_optimizer, build_scheduler
 from transformer.precision import Precision, resolve_device
@@ -100,10 +105,23 @@ def logits_batch_loss(model: nn.Module, batch, label_smoothing: float, pad_id: i
                                         label_smoothing, pad_id)
 
 
-def choose_loss_fn(device: torch.device, compile: bool) -> Callable:
+def rdrop_batch_loss(model: nn.Module, batch, label_smoothing: float, pad_id: int = 0,
+                     alpha: float = 5.0) -> tuple[Tensor, Tensor]:
+    """R-Drop (``rdrop_cross_entropy``): the batch goes through the model twice in one
+    forward, stacked along the batch axis, so each copy gets its own dropout masks."""
+    src, tgt_input = batch.src_tokens, batch.tgt_input
+    logits = model(torch.cat([src, src]), torch.cat([tgt_input, tgt_input]))  # (2B, T, V)
+    return rdrop_cross_entropy(logits.unflatten(0, (2, -1)).flatten(1, 2),
+                               batch.tgt_output.flatten(), label_smoothing, alpha, pad_id)
+
+
+def choose_loss_fn(device: torch.device, compile: bool, rdrop_alpha: float = 0.0) -> Callable:
     """The faster loss path, as measured by scripts/benchmark.py (docs/benchmarks.md): on
     a GPU without compile the whole-logits path wins (its kernels are few and large); with
-    torch.compile, and on the CPU, the chunked one wins and holds far less memory."""
+    torch.compile, and on the CPU, the chunked one wins and holds far less memory.
+    ``rdrop_alpha`` > 0: the R-Drop loss, which needs the whole logits of both passes."""
+    if rdrop_alpha > 0:
+        return functools.partial(rdrop_batch_loss, alpha=rdrop_alpha)
     return logits_batch_loss if device.type == "cuda" and not compile else batch_loss
 
 
@@ -257,7 +275,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     optimizer = build_optimizer(model, cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.sched, cfg.trainer.max_steps)
     # Compiling the loss function compiles forward, loss and backward of the model together.
-    loss_fn = choose_loss_fn(device, cfg.trainer.compile)
+    loss_fn = choose_loss_fn(device, cfg.trainer.compile, cfg.trainer.rdrop_alpha)
     loss_fn = torch.compile(loss_fn) if cfg.trainer.compile else loss_fn
     run = Run(cfg, run_dir, device, precision, data, model, loss_fn, optimizer, scheduler,
               precision.grad_scaler(), NullLogger(), ddp=ddp)
@@ -704,7 +722,8 @@ def find_start(cfg: TrainerConfig, run_dir: Path
 def adopt_architecture(cfg: DictConfig, model_cfg: dict[str, Any]) -> None:
     """Fine-tuning: ``cfg.model`` becomes the checkpoint's, except its dropouts, which stay
     this run's (regularisation is a training choice)."""
-    mine = {key: cfg.model[key] for key in ("dropout", "attention_dropout", "activation_dropout")}
+    mine = {key: cfg.model[key] for key in ("dropout", "attention_dropout", "activation_dropout",
+                                            "token_dropout")}
     cfg.model = OmegaConf.merge(OmegaConf.structured(ModelConfig), model_cfg, mine)
     log.info("model: the checkpoint's architecture (model.* settings other than dropouts "
              "are not used): %s", {k: v for k, v in cfg.model.items() if k not in mine})
