@@ -15,7 +15,11 @@ from transformer import MultiHeadAttention, Transformer
 from transformer.attention import causal_mask, explicit_attention, fused_attention
 from transformer.config import OptimConfig, SchedConfig
 from transformer.dropout import Dropout
-from transformer.loss import label_smoothed_cross_entropy, linear_label_smoothed_cross_entropy
+from transformer.loss import (
+    label_smoothed_cross_entropy,
+    linear_label_smoothed_cross_entropy,
+    linear_rdrop_cross_entropy,
+)
 from transformer.optim import build_optimizer, build_scheduler
 from transformer.precision import Precision
 from transformer.trainer import batch_loss, rdrop_batch_loss, train_step
@@ -63,6 +67,37 @@ def test_linear_loss_matches_float64_reference(epsilon, chunk_size):
 
     for got, expected in zip(loss_and_grads(fused, hidden, weight, target, epsilon),
                              loss_and_grads(plain, hidden, weight, target, epsilon),
+                             strict=True):
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def reference_rdrop(logits: Tensor, target: Tensor, epsilon: float, alpha: float):
+    """R-Drop's objective, halved, in float64: logits (2, N, V) of two passes."""
+    (loss_p, nll_p), (loss_q, nll_q) = (reference_loss(x, target, epsilon) for x in logits)
+    keep = target.ne(PAD)
+    lp, lq = (x[keep].double().log_softmax(dim=-1) for x in logits)
+    both_kl = (F.kl_div(lq, lp, log_target=True, reduction="sum")  # KL(p || q)
+               + F.kl_div(lp, lq, log_target=True, reduction="sum"))
+    return (loss_p + loss_q) / 2 + alpha / 4 * both_kl, (nll_p + nll_q) / 2
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 37, None])
+def test_linear_rdrop_loss_matches_float64_reference(chunk_size):
+    """The chunked R-Drop loss and its hand-derived gradients against autograd through
+    torch's own KL divergence and the plain loss, both passes, padding included."""
+    hidden, weight, target = random_problem(N=2 * 37, d=8, V=19, seed=chunk_size or 0)
+    hidden = hidden.unflatten(0, (2, 37))  # two passes that differ, as dropout makes them
+    target = target[:37]
+
+    def fused(h, w, t, eps):
+        return linear_rdrop_cross_entropy(h, w, t, eps, 3.0, PAD, chunk_size)
+
+    def plain(h, w, t, eps):
+        return reference_rdrop(h @ w.T, t, eps, 3.0)
+
+    for got, expected in zip(loss_and_grads(fused, hidden, weight, target, 0.1),
+                             loss_and_grads(plain, hidden, weight, target, 0.1),
                              strict=True):
         assert got.dtype == torch.float64
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
@@ -142,19 +177,22 @@ def test_batch_loss_and_gradients_equal_the_logits_path():
         torch.testing.assert_close(fused_grads[name], p.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
-def test_rdrop_batch_loss_without_dropout_is_the_plain_loss():
+@pytest.mark.parametrize("output_bias", [False, True])  # chunked / whole-logits path
+def test_rdrop_batch_loss_without_dropout_is_the_plain_loss(output_bias):
     """Both R-Drop passes of a model without dropout are the same: no KL term, and the
     loss and gradients are the plain loss's (this also checks that each copy's logits
     meet their own sentence's targets)."""
     model, batch = tiny_model_and_batch()
+    if output_bias:
+        model.output_projection.bias = torch.nn.Parameter(torch.randn(31, dtype=torch.float64))
     loss, nll = rdrop_batch_loss(model, batch, 0.1, alpha=5.0)
     loss.backward()
     rdrop_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
     expected, expected_nll = batch_loss(model, batch, 0.1)
     expected.backward()
-    torch.testing.assert_close((loss.double(), nll.double()), (expected, expected_nll),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close((loss.double(), nll.double()),
+                               (expected.double(), expected_nll.double()), rtol=1e-5, atol=1e-6)
     for name, p in model.named_parameters():
         torch.testing.assert_close(rdrop_grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 

@@ -70,14 +70,31 @@ def linear_label_smoothed_cross_entropy(
     then the chunk is freed. Under autocast the products run in the autocast dtype and the
     log-softmax in float32, as in ``label_smoothed_cross_entropy``.
     """
+    return linear_loss(hidden.unsqueeze(0), weight, target, epsilon, 0.0, ignore_index,
+                       chunk_size)
+
+
+def linear_rdrop_cross_entropy(
+    hidden: Tensor, weight: Tensor, target: Tensor, epsilon: float = 0.1, alpha: float = 5.0,
+    ignore_index: int = 0, chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``rdrop_cross_entropy(hidden @ weight.T, target, ...)`` chunk by chunk, as
+    ``linear_label_smoothed_cross_entropy`` does: hidden (2, N, d), the decoder states of
+    the two passes; target (N,)."""
+    return linear_loss(hidden, weight, target, epsilon, alpha, ignore_index, chunk_size)
+
+
+def linear_loss(hidden: Tensor, weight: Tensor, target: Tensor, epsilon: float, alpha: float,
+                ignore_index: int, chunk_size: int | None) -> tuple[Tensor, Tensor]:
+    """hidden (P, N, d): P = 1 (the plain loss) or 2 (R-Drop) passes over the same rows."""
     device_type = hidden.device.type
     compute_dtype = (torch.get_autocast_dtype(device_type)
                      if torch.is_autocast_enabled(device_type) else hidden.dtype)
     if chunk_size is None:
-        rows = CHUNK_BYTES[device_type == "cuda"] // (4 * weight.size(0))
+        rows = CHUNK_BYTES[device_type == "cuda"] // (4 * weight.size(0) * hidden.size(0))
         chunk_size = max(64, rows // 64 * 64)
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropy.apply(hidden, weight, target, epsilon, ignore_index,
+    return _LinearCrossEntropy.apply(hidden, weight, target, epsilon, alpha, ignore_index,
                                      chunk_size, compute_dtype, with_grad)
 
 
@@ -89,12 +106,13 @@ CHUNK_BYTES = (1 << 22, 1 << 28)
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, target: Tensor, epsilon: float,
-                ignore_index: int, chunk_size: int, compute_dtype: torch.dtype,
+                alpha: float, ignore_index: int, chunk_size: int, compute_dtype: torch.dtype,
                 with_grad: bool) -> tuple[Tensor, Tensor]:
         # The softmax and the sums in float32 at least (float64 stays float64).
         dtype = torch.promote_types(compute_dtype, torch.float32)
+        passes = hidden.size(0)  # the losses of the passes are averaged
         with torch.autocast(hidden.device.type, enabled=False):
-            h, w = hidden.to(compute_dtype), weight.to(compute_dtype)  # (N, d), (V, d)
+            h, w = hidden.to(compute_dtype), weight.to(compute_dtype)  # (P, N, d), (V, d)
             keep = target.ne(ignore_index).to(dtype).unsqueeze(1)  # (N, 1)
             loss_sum = torch.zeros((), device=h.device, dtype=dtype)
             nll_sum = torch.zeros_like(loss_sum)  # a tensor of its own: not differentiable
@@ -102,19 +120,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_weight = None
             for start in range(0, target.size(0), chunk_size):
                 rows = slice(start, start + chunk_size)
-                lprobs = torch.log_softmax(h[rows] @ w.T, dim=1, dtype=dtype)  # (C, V)
-                t = target[rows].unsqueeze(1)  # (C, 1)
-                nll = -lprobs.gather(1, t) * keep[rows]  # (C, 1)
-                smooth = -lprobs.mean(dim=1, keepdim=True) * keep[rows]  # vs uniform
-                loss_sum = loss_sum + ((1.0 - epsilon) * nll + epsilon * smooth).sum()
-                nll_sum = nll_sum + nll.sum()
+                lprobs = torch.log_softmax(h[:, rows] @ w.T, dim=-1, dtype=dtype)  # (P, C, V)
+                t = target[rows].unsqueeze(1).expand(passes, -1, 1)  # (P, C, 1)
+                nll = -lprobs.gather(-1, t) * keep[rows]  # (P, C, 1)
+                smooth = -lprobs.mean(dim=-1, keepdim=True) * keep[rows]  # vs uniform
+                loss_sum = loss_sum + ((1.0 - epsilon) * nll + epsilon * smooth).sum() / passes
+                nll_sum = nll_sum + nll.sum() / passes
+                kl_grad = None
+                if passes == 2:  # R-Drop's term, and its gradient while lprobs is intact
+                    both_kl, kl_grad = symmetric_kl_and_grad(lprobs, with_grad)
+                    loss_sum = loss_sum + alpha / 4 * (both_kl * keep[rows]).sum()
                 if with_grad:
-                    grad = smoothed_softmax_grad(lprobs, t, epsilon).to(compute_dtype)
-                    # Ignored rows: their gradient rows are zeroed in (C, d), not (C, V).
-                    h_kept = h[rows] * keep[rows].to(compute_dtype)  # (C, d)
-                    torch.mm(grad, w, out=grad_hidden[rows])  # (C, d)
-                    grad_hidden[rows] *= keep[rows].to(compute_dtype)
-                    grad_weight = add_product(grad_weight, grad.T, h_kept, dtype)  # (V, d)
+                    grad = smoothed_softmax_grad(lprobs, t, epsilon).div_(passes)
+                    if kl_grad is not None:
+                        grad.add_(kl_grad, alpha=alpha / 4)
+                    grad = grad.to(compute_dtype)
+                    # Ignored rows: their gradient rows are zeroed in (P, C, d), not (P, C, V).
+                    h_kept = h[:, rows] * keep[rows].to(compute_dtype)  # (P, C, d)
+                    for i in range(passes):
+                        torch.mm(grad[i], w, out=grad_hidden[i, rows])  # (C, d)
+                    grad_hidden[:, rows] *= keep[rows].to(compute_dtype)
+                    grad_weight = add_product(grad_weight, grad.flatten(0, 1).T,
+                                              h_kept.flatten(0, 1), dtype)  # (V, d)
         if with_grad:
             if grad_weight is None:  # no rows at all
                 grad_weight = torch.zeros_like(w, dtype=dtype)
@@ -128,14 +155,29 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.input_dtypes
         return ((grad_hidden * grad_loss).to(hidden_dtype),
-                (grad_weight * grad_loss).to(weight_dtype), None, None, None, None, None, None)
+                (grad_weight * grad_loss).to(weight_dtype), *[None] * 7)
 
 
 def smoothed_softmax_grad(lprobs: Tensor, target: Tensor, epsilon: float) -> Tensor:
     """d loss / d logits of one row's smoothed loss: ``softmax - (1 - eps) one_hot - eps/V``,
-    computed in place over ``lprobs`` (C, V); target (C, 1)."""
-    grad = lprobs.exp_().sub_(epsilon / lprobs.size(1))
-    return grad.scatter_add_(1, target, grad.new_full(target.shape, epsilon - 1.0))
+    computed in place over ``lprobs`` (..., V); target (..., 1)."""
+    grad = lprobs.exp_().sub_(epsilon / lprobs.size(-1))
+    return grad.scatter_add_(-1, target, grad.new_full(target.shape, epsilon - 1.0))
+
+
+def symmetric_kl_and_grad(lprobs: Tensor, with_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """lprobs (2, C, V) of two passes -> KL(p||q) + KL(q||p) (C, 1) and, with_grad, its
+    gradient with respect to both passes' logits (2, C, V). With d = log p - log q:
+    d/dlogits_p = p (d - KL(p||q)) + p - q, and the same with p and q swapped."""
+    p, d = lprobs.exp(), lprobs[0] - lprobs[1]  # (2, C, V), (C, V)
+    kl_pq = (p[0] * d).sum(-1, keepdim=True)  # (C, 1)
+    kl_qp = -(p[1] * d).sum(-1, keepdim=True)
+    if not with_grad:
+        return kl_pq + kl_qp, None
+    grad = torch.stack([p[0] * (d - kl_pq), p[1] * (-d - kl_qp)])
+    grad[0] += p[0] - p[1]
+    grad[1] += p[1] - p[0]
+    return kl_pq + kl_qp, grad
 
 
 def add_product(total: Tensor | None, a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:

@@ -64,6 +64,7 @@ from transformer.logging import NullLogger, TensorBoardLogger
 from transformer.loss import (
     label_smoothed_cross_entropy,
     linear_label_smoothed_cross_entropy,
+    linear_rdrop_cross_entropy,
     rdrop_cross_entropy,
 )
 from transformer.model import Transformer, build_model, count_parameters, keep_attention_weights
@@ -108,18 +109,27 @@ def logits_batch_loss(model: nn.Module, batch, label_smoothing: float, pad_id: i
 def rdrop_batch_loss(model: nn.Module, batch, label_smoothing: float, pad_id: int = 0,
                      alpha: float = 5.0) -> tuple[Tensor, Tensor]:
     """R-Drop (``rdrop_cross_entropy``): the batch goes through the model twice in one
-    forward, stacked along the batch axis, so each copy gets its own dropout masks."""
-    src, tgt_input = batch.src_tokens, batch.tgt_input
-    logits = model(torch.cat([src, src]), torch.cat([tgt_input, tgt_input]))  # (2B, T, V)
-    return rdrop_cross_entropy(logits.unflatten(0, (2, -1)).flatten(1, 2),
-                               batch.tgt_output.flatten(), label_smoothing, alpha, pad_id)
+    forward, stacked along the batch axis, so each copy gets its own dropout masks. The
+    loss is chunked as in ``batch_loss``."""
+    src_tokens = torch.cat([batch.src_tokens, batch.src_tokens])  # (2B, S)
+    tgt_input = torch.cat([batch.tgt_input, batch.tgt_input])
+    target = batch.tgt_output.flatten()
+    if model.output_projection.bias is not None:
+        logits = model(src_tokens, tgt_input)  # (2B, T, V)
+        return rdrop_cross_entropy(logits.unflatten(0, (2, -1)).flatten(1, 2), target,
+                                   label_smoothing, alpha, pad_id)
+    memory, src_padding_mask = model.encode(src_tokens)
+    states = model.decode_states(tgt_input, memory, src_padding_mask)  # (2B, T, d)
+    return linear_rdrop_cross_entropy(states.unflatten(0, (2, -1)).flatten(1, 2),
+                                      model.output_projection.weight, target, label_smoothing,
+                                      alpha, pad_id)
 
 
 def choose_loss_fn(device: torch.device, compile: bool, rdrop_alpha: float = 0.0) -> Callable:
     """The faster loss path, as measured by scripts/benchmark.py (docs/benchmarks.md): on
     a GPU without compile the whole-logits path wins (its kernels are few and large); with
     torch.compile, and on the CPU, the chunked one wins and holds far less memory.
-    ``rdrop_alpha`` > 0: the R-Drop loss, which needs the whole logits of both passes."""
+    ``rdrop_alpha`` > 0: the R-Drop loss (chunked, with the two passes side by side)."""
     if rdrop_alpha > 0:
         return functools.partial(rdrop_batch_loss, alpha=rdrop_alpha)
     return logits_batch_loss if device.type == "cuda" and not compile else batch_loss
