@@ -50,9 +50,8 @@ def rdrop_cross_entropy(
     run's. The nll sum is the two passes' mean."""
     lprobs = F.log_softmax(logits.float(), dim=-1)  # (2, N, V)
     loss, nll = smoothed_nll(lprobs.flatten(0, 1), target.repeat(2), epsilon, ignore_index)
-    # KL(p||q) + KL(q||p) = sum_v (p_v - q_v)(log p_v - log q_v)
-    both_kl = ((lprobs[0].exp() - lprobs[1].exp()) * (lprobs[0] - lprobs[1])).sum(-1)  # (N,)
-    both_kl = both_kl.masked_fill(target.eq(ignore_index), 0.0).sum()
+    both_kl, _ = symmetric_kl_and_grad(lprobs, with_grad=False)  # (N, 1); autograd does it
+    both_kl = both_kl.squeeze(1).masked_fill(target.eq(ignore_index), 0.0).sum()
     return loss / 2 + alpha / 4 * both_kl, nll / 2
 
 
