@@ -50,7 +50,7 @@ def rdrop_cross_entropy(
     run's. The nll sum is the two passes' mean."""
     lprobs = F.log_softmax(logits.float(), dim=-1)  # (2, N, V)
     loss, nll = smoothed_nll(lprobs.flatten(0, 1), target.repeat(2), epsilon, ignore_index)
-    both_kl, _ = symmetric_kl_and_grad(lprobs, with_grad=False)  # (N, 1); autograd does it
+    both_kl, _ = symmetric_kl_and_grad(lprobs, lprobs.exp(), with_grad=False)  # (N, 1)
     both_kl = both_kl.squeeze(1).masked_fill(target.eq(ignore_index), 0.0).sum()
     return loss / 2 + alpha / 4 * both_kl, nll / 2
 
@@ -127,10 +127,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 nll_sum = nll_sum + nll.sum() / passes
                 kl_grad = None
                 if passes == 2:  # R-Drop's term, and its gradient while lprobs is intact
-                    both_kl, kl_grad = symmetric_kl_and_grad(lprobs, with_grad)
+                    probs = lprobs.exp()
+                    both_kl, kl_grad = symmetric_kl_and_grad(lprobs, probs, with_grad)
                     loss_sum = loss_sum + alpha / 4 * (both_kl * keep[rows]).sum()
+                else:
+                    probs = lprobs.exp_() if with_grad else None  # lprobs is not needed again
                 if with_grad:
-                    grad = smoothed_softmax_grad(lprobs, t, epsilon).div_(passes)
+                    grad = smoothed_softmax_grad(probs, t, epsilon).div_(passes)
                     if kl_grad is not None:
                         grad.add_(kl_grad, alpha=alpha / 4)
                     grad = grad.to(compute_dtype)
@@ -157,18 +160,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 (grad_weight * grad_loss).to(weight_dtype), *[None] * 7)
 
 
-def smoothed_softmax_grad(lprobs: Tensor, target: Tensor, epsilon: float) -> Tensor:
+def smoothed_softmax_grad(probs: Tensor, target: Tensor, epsilon: float) -> Tensor:
     """d loss / d logits of one row's smoothed loss: ``softmax - (1 - eps) one_hot - eps/V``,
-    computed in place over ``lprobs`` (..., V); target (..., 1)."""
-    grad = lprobs.exp_().sub_(epsilon / lprobs.size(-1))
+    computed in place over ``probs`` (..., V), the softmax; target (..., 1)."""
+    grad = probs.sub_(epsilon / probs.size(-1))
     return grad.scatter_add_(-1, target, grad.new_full(target.shape, epsilon - 1.0))
 
 
-def symmetric_kl_and_grad(lprobs: Tensor, with_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """lprobs (2, C, V) of two passes -> KL(p||q) + KL(q||p) (C, 1) and, with_grad, its
-    gradient with respect to both passes' logits (2, C, V). With d = log p - log q:
-    d/dlogits_p = p (d - KL(p||q)) + p - q, and the same with p and q swapped."""
-    p, d = lprobs.exp(), lprobs[0] - lprobs[1]  # (2, C, V), (C, V)
+def symmetric_kl_and_grad(lprobs: Tensor, p: Tensor, with_grad: bool
+                          ) -> tuple[Tensor, Tensor | None]:
+    """lprobs (2, C, V) of two passes and p = lprobs.exp() -> KL(p||q) + KL(q||p) (C, 1)
+    and, with_grad, its gradient with respect to both passes' logits (2, C, V). With
+    d = log p - log q: d/dlogits_p = p (d - KL(p||q)) + p - q, and the same with p and q
+    swapped."""
+    d = lprobs[0] - lprobs[1]  # (C, V)
     kl_pq = (p[0] * d).sum(-1, keepdim=True)  # (C, 1)
     kl_qp = -(p[1] * d).sum(-1, keepdim=True)
     if not with_grad:
