@@ -119,34 +119,39 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_weight = None
             for start in range(0, target.size(0), chunk_size):
                 rows = slice(start, start + chunk_size)
-                lprobs = torch.log_softmax(h[:, rows] @ w.T, dim=-1, dtype=dtype)  # (P, C, V)
+                # A 2-D product takes the transposed weight as it is (a 3-D one copies it).
+                x = (h[:, rows].flatten(0, 1) @ w.T).view(passes, -1, w.size(0)).to(dtype)
+                probs = torch.softmax(x, dim=-1)  # (P, C, V)
+                # Each row's log-sum-exp from its largest probability, exp(max x - lse),
+                # which cannot underflow: no log-softmax pass over the chunk.
+                lse = x.amax(-1, keepdim=True) - probs.amax(-1, keepdim=True).log()
                 t = target[rows].unsqueeze(1).expand(passes, -1, 1)  # (P, C, 1)
-                nll = -lprobs.gather(-1, t) * keep[rows]  # (P, C, 1)
-                smooth = -lprobs.mean(dim=-1, keepdim=True) * keep[rows]  # vs uniform
+                nll = (lse - x.gather(-1, t)) * keep[rows]  # (P, C, 1)
+                smooth = (lse - x.mean(-1, keepdim=True)) * keep[rows]  # vs uniform
                 loss_sum = loss_sum + ((1.0 - epsilon) * nll + epsilon * smooth).sum() / passes
                 nll_sum = nll_sum + nll.sum() / passes
                 kl_grad = None
-                if passes == 2:  # R-Drop's term, and its gradient while lprobs is intact
-                    probs = lprobs.exp()
-                    both_kl, kl_grad = symmetric_kl_and_grad(lprobs, probs, with_grad)
+                if passes == 2:  # R-Drop's term, and its gradient
+                    both_kl, kl_grad = symmetric_kl_and_grad(x.sub_(lse), probs, with_grad)
                     loss_sum = loss_sum + alpha / 4 * (both_kl * keep[rows]).sum()
-                else:
-                    probs = lprobs.exp_() if with_grad else None  # lprobs is not needed again
                 if with_grad:
-                    grad = smoothed_softmax_grad(probs, t, epsilon).div_(passes)
-                    if kl_grad is not None:
-                        grad.add_(kl_grad, alpha=alpha / 4)
-                    grad = grad.to(compute_dtype)
-                    # Ignored rows: their gradient rows are zeroed in (P, C, d), not (P, C, V).
-                    h_kept = h[:, rows] * keep[rows].to(compute_dtype)  # (P, C, d)
+                    grad = peaked_grad(probs, t, epsilon, kl_grad, alpha / 4).to(compute_dtype)
                     for i in range(passes):
                         torch.mm(grad[i], w, out=grad_hidden[i, rows])  # (C, d)
+                    # Ignored rows: their gradient rows are zeroed in (P, C, d), not (P, C, V).
                     grad_hidden[:, rows] *= keep[rows].to(compute_dtype)
+                    h_kept = h[:, rows] * keep[rows].to(compute_dtype)  # (P, C, d)
                     grad_weight = add_product(grad_weight, grad.flatten(0, 1).T,
                                               h_kept.flatten(0, 1), dtype)  # (V, d)
         if with_grad:
             if grad_weight is None:  # no rows at all
                 grad_weight = torch.zeros_like(w, dtype=dtype)
+            # The smoothing's -eps/V is the same for every logit of every kept row, so its
+            # share of the two products is added once, here: -eps/V times a sum of rows.
+            shift = epsilon / w.size(0) / passes
+            kept_rows = keep.to(compute_dtype)  # (N, 1)
+            grad_hidden -= shift * (kept_rows * w.sum(0, dtype=dtype).to(compute_dtype))
+            grad_weight -= shift * (kept_rows * h).sum((0, 1), dtype=dtype)
             ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.mark_non_differentiable(nll_sum)
         ctx.input_dtypes = hidden.dtype, weight.dtype
@@ -160,11 +165,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 (grad_weight * grad_loss).to(weight_dtype), *[None] * 7)
 
 
-def smoothed_softmax_grad(probs: Tensor, target: Tensor, epsilon: float) -> Tensor:
-    """d loss / d logits of one row's smoothed loss: ``softmax - (1 - eps) one_hot - eps/V``,
-    computed in place over ``probs`` (..., V), the softmax; target (..., 1)."""
-    grad = probs.sub_(epsilon / probs.size(-1))
-    return grad.scatter_add_(-1, target, grad.new_full(target.shape, epsilon - 1.0))
+def peaked_grad(probs: Tensor, target: Tensor, epsilon: float, kl_grad: Tensor | None = None,
+                kl_weight: float = 0.0) -> Tensor:
+    """d loss / d logits of the rows' smoothed losses, ``softmax - (1 - eps) one_hot -
+    eps/V``, averaged over the P passes of ``probs`` (P, ..., V), the softmax (overwritten);
+    target (P, ..., 1); R-Drop adds ``kl_weight * kl_grad``. All but the constant -eps/(V P),
+    which the caller adds after the products (it is the same for every logit)."""
+    grad = probs.scatter_add_(-1, target, probs.new_full(target.shape, epsilon - 1.0))
+    if probs.size(0) > 1:
+        grad.div_(probs.size(0))
+    if kl_grad is not None:
+        grad.add_(kl_grad, alpha=kl_weight)
+    return grad
 
 
 def symmetric_kl_and_grad(lprobs: Tensor, p: Tensor, with_grad: bool
