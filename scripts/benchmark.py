@@ -468,7 +468,8 @@ def format_table(reports: list[dict]) -> str:
     first = reports[0]
     lines = [f"training step, preset {first['preset']}, {first['device']}, torch "
              f"{first['torch']}, {first['date']}; utilisation of {first['peak_source']} "
-             f"({first['peak_flops'] / 1e12:.3g} TFLOP/s)",
+             f"({first['peak_flops'] / 1e12:.3g} TFLOP/s)"
+             + ("; freed memory retained (glibc)" if first.get("retain_freed_memory") else ""),
              f"{'system':<20}{'compile':>8}{'tok/s':>11}{'step ms':>9}{'median':>9}"
              f"{'GFLOP/step':>11}{'util':>7}{'peak GiB':>9}{'vs best peer':>13}"]
     for r in rows:
@@ -522,6 +523,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--decode", action="store_true", help="also the beam search benchmark")
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="on the CPU, leave glibc's thresholds as they are (the trainer "
+                             "raises them: trainer.retain_freed_memory)")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--summarize", nargs="+", metavar="JSON",
                         help="only print one table over these earlier --json results")
@@ -538,11 +542,14 @@ def main(argv: list[str] | None = None) -> dict | None:
                 warmup=p.warmup if args.warmup is None else args.warmup,
                 precision=args.precision or p.precision)
     device = resolve_device(args.device)
+    # What the trainer does on the CPU; process-wide, so the peers run with it too.
+    retained = device.type == "cpu" and not args.default_malloc and trainer.retain_freed_memory()
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"CPU {platform.machine()}, {torch.get_num_threads()} threads")
     peak, peak_source = device_peak(device, p.precision)
     report = dict(preset=args.preset, sizes=asdict(p), device=device_name,
-                  torch=torch.__version__, peak_flops=peak, peak_source=peak_source,
+                  torch=torch.__version__, retain_freed_memory=retained, peak_flops=peak,
+                  peak_source=peak_source,
                   date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv), training=[],
                   decoding=[])
     def save(rows: list[dict]) -> None:
