@@ -67,7 +67,7 @@ def linear_label_smoothed_cross_entropy(
     float32 logits). A chunk's logits give its loss and, at once, its gradient, which is
     folded into the gradients of ``hidden`` and ``weight`` and kept for the backward pass;
     then the chunk is freed. Under autocast the products run in the autocast dtype and the
-    log-softmax in float32, as in ``label_smoothed_cross_entropy``.
+    softmax and sums in float32, as in ``label_smoothed_cross_entropy``.
     """
     return linear_loss(hidden.unsqueeze(0), weight, target, epsilon, 0.0, ignore_index,
                        chunk_size)
