@@ -117,6 +117,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             nll_sum = torch.zeros_like(loss_sum)  # a tensor of its own: not differentiable
             grad_hidden = torch.empty_like(h) if with_grad else None
             grad_weight = None
+            kept = keep.to(compute_dtype)  # (N, 1)
+            # Ignored rows zeroed: they add nothing to the weight's gradient.
+            h_kept = h * kept if with_grad else None  # (P, N, d)
             for start in range(0, target.size(0), chunk_size):
                 rows = slice(start, start + chunk_size)
                 # A 2-D product takes the transposed weight as it is (a 3-D one copies it).
@@ -139,19 +142,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     for i in range(passes):
                         torch.mm(grad[i], w, out=grad_hidden[i, rows])  # (C, d)
                     # Ignored rows: their gradient rows are zeroed in (P, C, d), not (P, C, V).
-                    grad_hidden[:, rows] *= keep[rows].to(compute_dtype)
-                    h_kept = h[:, rows] * keep[rows].to(compute_dtype)  # (P, C, d)
+                    grad_hidden[:, rows] *= kept[rows]
                     grad_weight = add_product(grad_weight, grad.flatten(0, 1).T,
-                                              h_kept.flatten(0, 1), dtype)  # (V, d)
+                                              h_kept[:, rows].flatten(0, 1), dtype)  # (V, d)
         if with_grad:
             if grad_weight is None:  # no rows at all
                 grad_weight = torch.zeros_like(w, dtype=dtype)
             # The smoothing's -eps/V is the same for every logit of every kept row, so its
             # share of the two products is added once, here: -eps/V times a sum of rows.
             shift = epsilon / w.size(0) / passes
-            kept_rows = keep.to(compute_dtype)  # (N, 1)
-            grad_hidden -= shift * (kept_rows * w.sum(0, dtype=dtype).to(compute_dtype))
-            grad_weight -= shift * (kept_rows * h).sum((0, 1), dtype=dtype)
+            grad_hidden -= shift * (kept * w.sum(0, dtype=dtype).to(compute_dtype))
+            grad_weight -= shift * h_kept.sum((0, 1), dtype=dtype)
             ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.mark_non_differentiable(nll_sum)
         ctx.input_dtypes = hidden.dtype, weight.dtype
