@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig
 
 from transformer.checkpoint import CheckpointError
-from transformer.config import register_configs
+from transformer.config import ConfigError, register_configs
 from transformer.data import DataError
 from transformer.evaluation import evaluate
 
@@ -30,7 +30,7 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     try:
         evaluate(cfg)
-    except (CheckpointError, DataError) as error:
+    except (ConfigError, CheckpointError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

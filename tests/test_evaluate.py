@@ -20,7 +20,7 @@ from transformer.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from transformer.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
+from transformer.config import ConfigError, DataConfig, EvalConfig, ModelConfig, TrainConfig
 from transformer.evaluation import default_output_dir, evaluate, score
 from transformer.model import build_model
 from transformer.tokenizer import Tokenizer
@@ -158,6 +158,30 @@ def test_splits_mode_reads_the_checkpoints_corpus(tmp_path, write_corpus):
     assert list(results) == ["test.en-de"]
     with pytest.raises(Exception, match="splits found: test"):
         evaluate(eval_config(checkpoint=str(path), splits=["nope"], output_dir=str(tmp_path)))
+
+
+def test_precision_sets_the_autocast_of_translation(tmp_path, monkeypatch):
+    """precision=bf16 translates under CPU bf16 autocast, auto (on the CPU) in float32; a bad
+    name is refused, naming the key, before the checkpoint is read."""
+    path = make_checkpoint(tmp_path / "a.pt")
+    seen = []
+    original = load_checkpoint
+
+    def load_and_watch(*args, **kwargs):
+        model, tokenizer, cfg = original(*args, **kwargs)
+        model.output_projection.register_forward_hook(
+            lambda module, inputs, output: seen.append(output.dtype))
+        return model, tokenizer, cfg
+
+    monkeypatch.setattr("transformer.evaluation.load_checkpoint", load_and_watch)
+    (tmp_path / "in.en").write_text("a dog runs.\n")
+    for precision, dtype in [("bf16", torch.bfloat16), ("auto", torch.float32)]:
+        seen.clear()
+        evaluate(eval_config(checkpoint=str(path), mode="files", src_file=str(tmp_path / "in.en"),
+                             output_dir=str(tmp_path), precision=precision))
+        assert seen and set(seen) == {dtype}
+    with pytest.raises(ConfigError, match="precision='bf32' is not one of"):
+        evaluate(eval_config(checkpoint=str(tmp_path / "nope.pt"), precision="bf32"))
 
 
 def test_score_is_sacrebleu():

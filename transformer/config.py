@@ -158,6 +158,7 @@ class EvalConfig:
     min_len: int = 1
     batch_tokens: int = 8192
     device: str = "auto"
+    precision: str = "auto"  # autocast while translating; auto: bf16 on a GPU, fp32 on the CPU
     data_root: str | None = None  # overrides the checkpoint's data.root
     output_dir: str | None = None  # None: translations/ in the checkpoint's run directory
     scores_file: str | None = None  # also write the scores of every split here, as JSON

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transformer.model import Transformer
+from transformer.precision import Precision
 from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 NEG_INF = float("-inf")
@@ -410,11 +411,13 @@ def translate_ids(model: Transformer, src_ids: list[list[int]], beam: int = 5,
 
 def translate(model: Transformer, tokenizer: TextTokenizer, sentences: list[str],
               beam: int = 5, lenpen: float = 0.6, max_tokens: int = 8192,
-              device: torch.device | str | None = None, **search_kwargs: Any) -> list[str]:
+              device: torch.device | str | None = None, precision: str = "auto",
+              **search_kwargs: Any) -> list[str]:
     """Translate ``sentences``, in order: tokenize (+ EOS), ``translate_ids`` (beam 1:
     greedy), detokenize. Empty sentences give "" without reaching the tokenizer or the
     model. ``device``: where to run (the model moves there); None: the model's device.
-    On CUDA the model runs under bf16 autocast. ``search_kwargs`` go to the search
+    ``precision``: the autocast dtype, as ``trainer.precision`` (auto: bf16 on CUDA, fp32
+    on the CPU). ``search_kwargs`` go to the search
     (max_len_a, max_len_b, min_len, bos_id, eos_id, pad_id, ...)."""
     if device is not None:
         model.to(device)
@@ -425,9 +428,7 @@ def translate(model: Transformer, tokenizer: TextTokenizer, sentences: list[str]
         return outputs
     eos_id = search_kwargs.get("eos_id", EOS_ID)
     src_ids = [ids + [eos_id] for ids in tokenizer.encode_batch([sentences[i] for i in todo])]
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
-    with autocast:
+    with Precision.resolve(precision, device).autocast():
         hypotheses = translate_ids(model, src_ids, beam, lenpen, max_tokens, **search_kwargs)
     for i, text in zip(todo, tokenizer.decode_batch(hypotheses), strict=True):
         outputs[i] = text

@@ -17,7 +17,7 @@ from transformer.checkpoint import average_checkpoints, last_checkpoints, load_c
 from transformer.config import DataConfig, EvalConfig
 from transformer.data import DataError, open_corpus, read_lines, read_parallel_lines
 from transformer.decoding import translate
-from transformer.precision import resolve_device
+from transformer.precision import Precision, resolve_device
 
 log = logging.getLogger("transformer")
 
@@ -40,6 +40,7 @@ def evaluate(cfg: EvalConfig | DictConfig, stdin: TextIO = sys.stdin,
              stdout: TextIO = sys.stdout) -> dict[str, dict]:
     """Load the checkpoint, then translate and score as ``cfg.mode`` says."""
     device = resolve_device(cfg.device)
+    precision = Precision.resolve(cfg.precision, device).name  # a bad name fails before loading
     if cfg.average_last > 1:
         paths = last_checkpoints(Path(cfg.checkpoint), cfg.average_last)
         model, tokenizer, train_cfg = load_checkpoint(average_checkpoints(paths), device)
@@ -52,7 +53,7 @@ def evaluate(cfg: EvalConfig | DictConfig, stdin: TextIO = sys.stdin,
     def run(sentences: list[str]) -> list[str]:
         return translate(model, tokenizer, sentences, beam=cfg.beam, lenpen=cfg.lenpen,
                          max_tokens=cfg.batch_tokens, max_len_a=cfg.max_len_a,
-                         max_len_b=cfg.max_len_b, min_len=cfg.min_len)
+                         max_len_b=cfg.max_len_b, min_len=cfg.min_len, precision=precision)
 
     if cfg.mode == "interactive":
         interactive(run, stdin, stdout)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from transformer.config import ConfigError
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
@@ -23,6 +25,8 @@ class Precision:
     def resolve(cls, name: str, device: torch.device) -> Precision:
         if name == "auto":
             name = "bf16" if device.type == "cuda" else "fp32"
+        if name not in DTYPES:
+            raise ConfigError(f"precision={name!r} is not one of ['auto', 'bf16', 'fp16', 'fp32']")
         return cls(name, device)
 
     @property
