@@ -26,7 +26,7 @@ class Precision:
         if name == "auto":
             name = "bf16" if device.type == "cuda" else "fp32"
         if name not in DTYPES:
-            raise ConfigError(f"precision={name!r} is not one of ['auto', 'bf16', 'fp16', 'fp32']")
+            raise ConfigError(f"precision={name!r} is not one of {['auto', *DTYPES]}")
         return cls(name, device)
 
     @property
