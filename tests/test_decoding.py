@@ -3,7 +3,6 @@ prefix recomputed, float64), with and without the cache, batched and alone, and 
 tiny model trained here to memorize a few pairs."""
 
 import itertools
-from types import SimpleNamespace
 
 import pytest
 import sacrebleu
@@ -11,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transformer import Transformer
+from transformer import Ensemble, Transformer
 from transformer.decoding import (
     Hypothesis,
     beam_search,
@@ -35,13 +34,13 @@ def one_thread():
 
 
 def random_model(tgt_vocab: int = TGT_VOCAB, eos_bias: float = 0.0,
-                 pad_bos_bias: float = 0.0) -> Transformer:
+                 pad_bos_bias: float = 0.0, seed: int = 0, d_model: int = 16) -> Transformer:
     """A random float64 model; the biases are added to the logits of EOS, and of PAD and
     BOS (through a bias on the output projection)."""
-    torch.manual_seed(0)
-    model = Transformer(SRC_VOCAB, tgt_vocab, d_model=16, n_heads=2, n_encoder_layers=2,
+    torch.manual_seed(seed)
+    model = Transformer(SRC_VOCAB, tgt_vocab, d_model=d_model, n_heads=2, n_encoder_layers=2,
                         n_decoder_layers=2, d_ff=32, dropout=0.0).double().eval()
-    projection = nn.Linear(16, tgt_vocab).double()
+    projection = nn.Linear(d_model, tgt_vocab).double()
     with torch.no_grad():
         projection.weight.copy_(model.output_projection.weight)
         projection.bias.zero_()
@@ -153,8 +152,7 @@ class ScriptedModel(nn.Module):
         super().__init__()
         self.next_probs, self.vocab_size = next_probs, vocab_size
         self.device_marker = nn.Parameter(torch.zeros(1))
-        self.decoder = SimpleNamespace(
-            embedding=SimpleNamespace(positions=SimpleNamespace(max_len=max_positions)))
+        self.max_len = max_positions
 
     def encode(self, src_tokens):
         return torch.zeros(*src_tokens.shape, 1), src_tokens.eq(PAD)
@@ -381,3 +379,62 @@ def test_cuda_cache_and_bf16_translate():
         assert [h.tokens for h in hypotheses] == [h.tokens for h in expected]
     outputs = translate(model.float(), WordTokenizer(), ["w5 w6 w7", "", "w8"])
     assert outputs[1] == "" and all(isinstance(o, str) for o in outputs)
+
+
+class NaiveEnsemble:
+    """The reference ensemble: every member decodes the whole prefix from its own encoder
+    output, and the probabilities (not log-probabilities) are averaged, in float64."""
+
+    def __init__(self, models):
+        self.models = models
+
+    def encode(self, src_tokens):
+        encoded = [model.encode(src_tokens) for model in self.models]
+        return [memory for memory, _ in encoded], encoded[0][1]
+
+    def decode(self, tokens, memories, padding_mask):
+        probs = [F.softmax(model.decode(tokens, memory, padding_mask), dim=-1)
+                 for model, memory in zip(self.models, memories, strict=True)]
+        return torch.stack(probs).mean(dim=0).log()
+
+
+def two_different_models():
+    """Two random models of different widths that disagree (other seeds, other EOS bias)."""
+    return [random_model(eos_bias=1.0), random_model(eos_bias=0.3, seed=1, d_model=24)]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_ensemble_beam_search_matches_reference(use_cache):
+    models, src_tokens = two_different_models(), random_sources([5, 2, 7, 3])
+    results = beam_search(Ensemble(models), src_tokens, beam=3, lenpen=1.0, max_len_a=0.0,
+                          max_len_b=7, min_len=2, n_best=3, use_cache=use_cache)
+    for i, hypotheses in enumerate(results):
+        expected = reference_beam_search(NaiveEnsemble(models), unpadded(src_tokens, i), 3,
+                                         1.0, 7, 2, 3)
+        assert_same(hypotheses, expected)
+    # Not what either member alone would say (else the test could not tell).
+    alone = [beam_search(model, src_tokens, beam=3, lenpen=1.0, max_len_a=0.0,
+                         max_len_b=7, min_len=2) for model in models]
+    assert all([h[0].tokens for h in results] != [h[0].tokens for h in a] for a in alone)
+
+
+def test_ensemble_greedy_matches_reference():
+    models, src_tokens = two_different_models(), random_sources([5, 2, 7, 3], seed=3)
+    results = greedy_search(Ensemble(models), src_tokens, max_len_a=0.0, max_len_b=9)
+    for i, hypothesis in enumerate(results):
+        expected = reference_greedy(NaiveEnsemble(models), unpadded(src_tokens, i), 9)
+        assert hypothesis.tokens == expected
+
+
+def test_ensemble_of_one_model_is_that_model():
+    model, src_tokens = random_model(eos_bias=1.0), random_sources([4, 6, 3, 8], seed=2)
+    for one, alone in zip(beam_search(Ensemble([model]), src_tokens, beam=4, n_best=2),
+                          beam_search(model, src_tokens, beam=4, n_best=2), strict=True):
+        assert_same(one, alone)
+
+
+def test_ensemble_refuses_different_target_vocabularies():
+    with pytest.raises(ValueError, match="vocabularies differ"):
+        Ensemble([random_model(), random_model(tgt_vocab=TGT_VOCAB + 1)])
+    with pytest.raises(ValueError, match="at least one model"):
+        Ensemble([])

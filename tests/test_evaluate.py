@@ -21,6 +21,8 @@ from transformer.checkpoint import (
     save_checkpoint,
 )
 from transformer.config import ConfigError, DataConfig, EvalConfig, ModelConfig, TrainConfig
+from transformer.decoding import translate
+from transformer.ensemble import Ensemble
 from transformer.evaluation import default_output_dir, evaluate, score
 from transformer.model import build_model
 from transformer.tokenizer import Tokenizer
@@ -111,6 +113,42 @@ def test_evaluate_averages_the_last_checkpoints_of_a_run(tmp_path):
         (tmp_path / "scripted" / "src.en.hyp").read_text()
     with pytest.raises(CheckpointError, match="3 numbered checkpoints, fewer than the 4"):
         evaluate(eval_config(checkpoint=str(tmp_path / "run"), average_last=4, **files))
+
+
+def test_evaluate_ensemble_decodes_the_members_together(tmp_path):
+    a, b = make_checkpoint(tmp_path / "a.pt", seed=0), make_checkpoint(tmp_path / "b.pt", seed=1)
+    src, ref = make_toy_pairs(8, seed=5)
+    (tmp_path / "src.en").write_text("".join(f"{line}\n" for line in src))
+    (tmp_path / "ref.de").write_text("".join(f"{line}\n" for line in ref))
+    files = {"mode": "files", "src_file": str(tmp_path / "src.en"),
+             "ref_file": str(tmp_path / "ref.de")}
+
+    def hypotheses(checkpoint, ensemble=()):
+        out = tmp_path / f"out_{len(list(tmp_path.iterdir()))}"
+        evaluate(eval_config(checkpoint=str(checkpoint), ensemble=[str(e) for e in ensemble],
+                             output_dir=str(out), **files))
+        return (out / "src.en.hyp").read_text().splitlines()
+
+    (model_a, tokenizer, _), (model_b, _, _) = load_checkpoint(a), load_checkpoint(b)
+    expected = translate(Ensemble([model_a, model_b]), tokenizer, src, beam=2, max_len_b=5)
+    assert hypotheses(a, [b]) == expected
+    assert expected != translate(model_a, tokenizer, src, beam=2, max_len_b=5)
+    assert hypotheses(a, [a]) == hypotheses(a)  # the mean of one distribution is itself
+    assert default_output_dir(str(a), ensemble=True) == tmp_path / "translations_ensemble"
+
+
+def test_evaluate_ensemble_refuses_other_directions_and_tokenizers(tmp_path):
+    a = make_checkpoint(tmp_path / "a.pt")
+    de_en = make_checkpoint(tmp_path / "de_en.pt", data=DataConfig(src_lang="de", tgt_lang="en"))
+    with pytest.raises(CheckpointError, match="de_en.pt translates de -> en"):
+        evaluate(eval_config(checkpoint=str(a), ensemble=[str(de_en)]))
+    state = read_checkpoint(a)
+    src, tgt = make_toy_pairs(50)
+    state["tokenizer"] = {"src": Tokenizer.train(src + tgt, vocab_size=280).to_str(),
+                          "tgt": None}
+    save_checkpoint(state, tmp_path / "other_tokenizer.pt")
+    with pytest.raises(CheckpointError, match="other_tokenizer.pt has another tokenizer"):
+        evaluate(eval_config(checkpoint=str(a), ensemble=[str(tmp_path / "other_tokenizer.pt")]))
 
 
 def test_interactive_mode_keeps_lines_and_empty_lines(tmp_path):

@@ -30,6 +30,7 @@ _EXPORTS = {
     "translate": "transformer.decoding",
     "greedy_search": "transformer.decoding",
     "beam_search": "transformer.decoding",
+    "Ensemble": "transformer.ensemble",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -235,17 +235,19 @@ def check_compatible(path: Path, weights: dict, reference_path: Path, reference:
                                   f"{reference_path} has {tuple(reference[name].shape)}")
 
 
-def load_checkpoint(path: str | Path | dict[str, Any], device: str | torch.device = "cpu"):
+def load_checkpoint(path: str | Path | dict[str, Any], device: str | torch.device = "cpu",
+                    name: str = "the averaged checkpoint"):
     """``model, tokenizer, cfg = load_checkpoint(path)``: a model in eval mode on ``device``,
     the tokenizer (encodes the source, decodes the target) and the training config.
-    ``path`` may also be a checkpoint already in memory (``average_checkpoints``'s)."""
+    ``path`` may also be a checkpoint already in memory (``average_checkpoints``'s), which
+    error messages call ``name``."""
     from omegaconf import OmegaConf
 
     from transformer.config import TrainConfig
     from transformer.model import build_model
 
     if isinstance(path, dict):
-        state, path = path, "the averaged checkpoint"
+        state, path = path, name
     else:
         state = read_checkpoint(path)
     try:

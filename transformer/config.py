@@ -147,6 +147,7 @@ class TrainConfig:
 class EvalConfig:
     checkpoint: str = MISSING  # a checkpoint file; with average_last, a run directory
     average_last: int = 0  # >1: average the run's newest N numbered checkpoints (paper 6.1)
+    ensemble: list[str] = field(default_factory=list)  # more checkpoints, decoded with it
     splits: list[str] = field(default_factory=lambda: ["test_2016_flickr", "test_2017_flickr"])
     mode: str = "splits"  # splits | files | interactive
     src_file: str | None = None

@@ -6,6 +6,7 @@ right-padded sources. The encoder runs once; each step feeds the decoder only th
 token and reuses the keys/values of earlier positions from a ``DecoderCache``
 (``use_cache=False`` recomputes the whole prefix instead: same results, used by the tests).
 ``translate`` wraps them for lists of sentences: tokenize, batch by tokens, detokenize.
+Each takes a ``Transformer`` or an ``Ensemble`` of them (``transformer.ensemble``).
 
 Conventions (fairseq's): the source is ``tokens + [EOS]``; a hypothesis starts from BOS
 and ends at EOS. At most ``int(max_len_a * src_len + max_len_b)`` tokens are generated
@@ -51,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from transformer.ensemble import Ensemble
 from transformer.model import Transformer
 from transformer.precision import Precision
 from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID
@@ -80,7 +82,7 @@ class Prefixes:
     """The target prefixes being extended, one a row, with what the decoder needs for
     them: the encoder output, its padding mask and (with ``use_cache``) the cache."""
 
-    def __init__(self, model: Transformer, memory: Tensor, src_padding_mask: Tensor,
+    def __init__(self, model: Transformer | Ensemble, memory: Tensor, src_padding_mask: Tensor,
                  bos_id: int, use_cache: bool):
         self.model, self.memory, self.src_padding_mask = model, memory, src_padding_mask
         self.cache = model.new_cache() if use_cache else None
@@ -121,12 +123,12 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def max_lengths(model: Transformer, src_tokens: Tensor, max_len_a: float, max_len_b: int,
+def max_lengths(model: Transformer | Ensemble, src_tokens: Tensor, max_len_a: float, max_len_b: int,
                 pad_id: int) -> Tensor:
     """Tokens each sentence may generate before EOS is forced, (B,) long on the CPU:
     ``int(a * src_len + b)``, capped so that every decoder input has a position."""
     src_lengths = src_tokens.ne(pad_id).sum(1).cpu().double()  # (B,)
-    limit = model.decoder.embedding.positions.max_len - 1  # BOS sits at position 0
+    limit = model.max_len - 1  # BOS sits at position 0
     return (max_len_a * src_lengths + max_len_b).long().clamp(0, limit)
 
 
@@ -164,7 +166,7 @@ def check_arguments(src_tokens: Tensor, beam: int, n_best: int, min_len: int) ->
 
 
 @torch.inference_mode()
-def greedy_search(model: Transformer, src_tokens: Tensor, max_len_a: float = 1.2,
+def greedy_search(model: Transformer | Ensemble, src_tokens: Tensor, max_len_a: float = 1.2,
                   max_len_b: int = 10, min_len: int = 1, bos_id: int = BOS_ID,
                   eos_id: int = EOS_ID, pad_id: int = PAD_ID, use_cache: bool = True
                   ) -> list[Hypothesis]:
@@ -303,8 +305,8 @@ def collect_finished(candidates: Candidates, prefixes: Prefixes, sentences: Tens
 
 
 @torch.inference_mode()
-def beam_search(model: Transformer, src_tokens: Tensor, beam: int = 5, lenpen: float = 0.6,
-                max_len_a: float = 1.2, max_len_b: int = 10, min_len: int = 1,
+def beam_search(model: Transformer | Ensemble, src_tokens: Tensor, beam: int = 5,
+                lenpen: float = 0.6, max_len_a: float = 1.2, max_len_b: int = 10, min_len: int = 1,
                 bos_id: int = BOS_ID, eos_id: int = EOS_ID, pad_id: int = PAD_ID,
                 use_cache: bool = True, n_best: int = 1, early_stopping: bool = False
                 ) -> list[list[Hypothesis]]:
@@ -379,7 +381,7 @@ def pad_batch(token_lists: list[list[int]], pad_id: int, device: torch.device) -
     return src_tokens.to(device)
 
 
-def best_hypotheses(model: Transformer, src_tokens: Tensor, beam: int, lenpen: float,
+def best_hypotheses(model: Transformer | Ensemble, src_tokens: Tensor, beam: int, lenpen: float,
                     **search_kwargs: Any) -> list[Hypothesis]:
     """The best hypothesis of each of ``src_tokens`` (B, S): beam search, greedy at beam 1."""
     if beam == 1:
@@ -389,7 +391,7 @@ def best_hypotheses(model: Transformer, src_tokens: Tensor, beam: int, lenpen: f
 
 
 @torch.inference_mode()
-def translate_ids(model: Transformer, src_ids: list[list[int]], beam: int = 5,
+def translate_ids(model: Transformer | Ensemble, src_ids: list[list[int]], beam: int = 5,
                   lenpen: float = 0.6, max_tokens: int = 8192,
                   **search_kwargs: Any) -> list[list[int]]:
     """Token ids in (each ``tokens + [EOS]``), the best hypothesis's tokens out (without
@@ -409,7 +411,7 @@ def translate_ids(model: Transformer, src_ids: list[list[int]], beam: int = 5,
     return outputs
 
 
-def translate(model: Transformer, tokenizer: TextTokenizer, sentences: list[str],
+def translate(model: Transformer | Ensemble, tokenizer: TextTokenizer, sentences: list[str],
               beam: int = 5, lenpen: float = 0.6, max_tokens: int = 8192,
               device: torch.device | str | None = None, precision: str = "auto",
               **search_kwargs: Any) -> list[str]:

@@ -8,15 +8,24 @@ import logging
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import sacrebleu
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-from transformer.checkpoint import average_checkpoints, last_checkpoints, load_checkpoint
+from transformer.checkpoint import (
+    CheckpointError,
+    average_checkpoints,
+    last_checkpoints,
+    load_checkpoint,
+    read_checkpoint,
+)
 from transformer.config import DataConfig, EvalConfig
 from transformer.data import DataError, open_corpus, read_lines, read_parallel_lines
 from transformer.decoding import translate
+from transformer.ensemble import Ensemble
+from transformer.model import Transformer
 from transformer.precision import Precision, resolve_device
 
 log = logging.getLogger("transformer")
@@ -41,14 +50,8 @@ def evaluate(cfg: EvalConfig | DictConfig, stdin: TextIO = sys.stdin,
     """Load the checkpoint, then translate and score as ``cfg.mode`` says."""
     device = resolve_device(cfg.device)
     precision = Precision.resolve(cfg.precision, device).name  # a bad name fails before loading
-    if cfg.average_last > 1:
-        paths = last_checkpoints(Path(cfg.checkpoint), cfg.average_last)
-        model, tokenizer, train_cfg = load_checkpoint(average_checkpoints(paths), device)
-        log.info("averaged %d checkpoints on %s: %s", len(paths), device,
-                 ", ".join(str(p) for p in paths))
-    else:
-        model, tokenizer, train_cfg = load_checkpoint(cfg.checkpoint, device)
-        log.info("loaded %s on %s", cfg.checkpoint, device)
+    model, tokenizer, train_cfg = load_models([cfg.checkpoint, *cfg.ensemble],
+                                              cfg.average_last, device)
 
     def run(sentences: list[str]) -> list[str]:
         return translate(model, tokenizer, sentences, beam=cfg.beam, lenpen=cfg.lenpen,
@@ -66,7 +69,8 @@ def evaluate(cfg: EvalConfig | DictConfig, stdin: TextIO = sys.stdin,
         named = read_splits(data_config(train_cfg, cfg), list(cfg.splits))
     else:
         raise DataError(f"mode={cfg.mode!r} is not one of ['splits', 'files', 'interactive']")
-    output_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg.checkpoint)
+    output_dir = (Path(cfg.output_dir) if cfg.output_dir else
+                  default_output_dir(cfg.checkpoint, ensemble=bool(cfg.ensemble)))
     scores = {name: translate_and_score(name, sources, references, run, output_dir)
               for name, (sources, references) in named.items()}
     if cfg.scores_file:
@@ -74,14 +78,49 @@ def evaluate(cfg: EvalConfig | DictConfig, stdin: TextIO = sys.stdin,
     return scores
 
 
-def default_output_dir(checkpoint: str) -> Path:
+def load_models(checkpoints: list[str], average_last: int, device: torch.device
+                ) -> tuple[Transformer | Ensemble, Any, DictConfig]:
+    """-> the model (an ``Ensemble`` of several), the tokenizer and the training config of
+    the first. Each of ``checkpoints`` is a file, or with ``average_last`` > 1 a run
+    directory whose newest checkpoints are averaged. The members of an ensemble must
+    translate the same direction with the same tokenizer."""
+    members = []
+    for checkpoint in checkpoints:
+        if average_last > 1:
+            paths = last_checkpoints(Path(checkpoint), average_last)
+            state = average_checkpoints(paths)
+            name = f"the average of the newest {len(paths)} checkpoints of {checkpoint}"
+            log.info("averaged %d checkpoints on %s: %s", len(paths), device,
+                     ", ".join(str(p) for p in paths))
+        else:
+            state, name = read_checkpoint(checkpoint), checkpoint
+            log.info("loaded %s on %s", checkpoint, device)
+        model, tokenizer, train_cfg = load_checkpoint(state, device, name)
+        members.append((model, tokenizer, train_cfg, state["tokenizer"], name))
+        del state  # its weights are in the model now
+    _, tokenizer, train_cfg, stored_tokenizer, first = members[0]
+    for _, _, other_cfg, other_tokenizer, name in members[1:]:
+        direction = (train_cfg.data.src_lang, train_cfg.data.tgt_lang)
+        other = (other_cfg.data.src_lang, other_cfg.data.tgt_lang)
+        if other != direction:
+            raise CheckpointError(f"ensemble: {name} translates {other[0]} -> {other[1]}, "
+                                  f"{first} {direction[0]} -> {direction[1]}")
+        if other_tokenizer != stored_tokenizer:
+            raise CheckpointError(f"ensemble: {name} has another tokenizer than {first}; "
+                                  "the members must share one")
+    models = [model for model, *_ in members]
+    return (models[0] if len(models) == 1 else Ensemble(models)), tokenizer, train_cfg
+
+
+def default_output_dir(checkpoint: str, ensemble: bool = False) -> Path:
     """``translations/`` beside the run's checkpoints: in the run directory, whether
-    ``checkpoint`` names it, its ``checkpoints/`` folder or a file in that folder."""
+    ``checkpoint`` names it, its ``checkpoints/`` folder or a file in that folder;
+    ``translations_ensemble/`` for an ensemble led by it."""
     path = Path(checkpoint)
     run_dir = path if path.is_dir() else path.parent
     if run_dir.name == "checkpoints":
         run_dir = run_dir.parent
-    return run_dir / "translations"
+    return run_dir / ("translations_ensemble" if ensemble else "translations")
 
 
 def interactive(run, stdin: Iterable[str], stdout: TextIO) -> None:

@@ -162,6 +162,11 @@ class Transformer(nn.Module):
                 nn.init.zeros_(module.weight[module.padding_idx])
         nn.init.normal_(self.output_projection.weight, mean=0.0, std=self.d_model**-0.5)
 
+    @property
+    def max_len(self) -> int:
+        """Target positions the decoder can embed (BOS included)."""
+        return self.decoder.embedding.positions.max_len
+
     def forward(self, src_tokens: Tensor, tgt_tokens: Tensor) -> Tensor:
         """Teacher-forced logits (B, T, V_tgt) for source (B, S) and target input (B, T)."""
         memory, src_padding_mask = self.encode(src_tokens)
