@@ -179,6 +179,30 @@ def test_batch_loss_and_gradients_equal_the_logits_path():
         torch.testing.assert_close(fused_grads[name], p.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
+def test_compiled_batch_loss_follows_every_label_smoothing():
+    """``trainer.compile=true`` compiles ``batch_loss``, and a sweep calls it with several
+    label smoothings in one process. torch 2.13 compiles a float that feeds both arithmetic
+    and a fill value (``new_full``, ``add_(alpha=)``, as the chunked loss's gradient does)
+    to the first value it traced (docs/benchmarks.md): each smoothing must still give the
+    eager loss and gradients. (The third value is the one that would come out wrong.)"""
+    _, batch = tiny_model_and_batch()
+    torch.manual_seed(0)
+    model = Transformer(31, 31, d_model=16, n_heads=2, n_encoder_layers=1, n_decoder_layers=1,
+                        d_ff=32, dropout=0.0, share_embeddings="all")  # less to compile
+    compiled = torch.compile(batch_loss)
+    for epsilon in (0.0, 0.1, 0.3):
+        results = []
+        for loss_fn in (batch_loss, compiled):
+            model.zero_grad()
+            loss, nll = loss_fn(model, batch, epsilon)
+            loss.backward()
+            results.append([loss.detach(), nll.detach()] +
+                           [p.grad.clone() for p in model.parameters()])
+        for got, expected in zip(results[1], results[0], strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5,
+                                       msg=f"label smoothing {epsilon}")
+
+
 @pytest.mark.parametrize("output_bias", [False, True])  # chunked / whole-logits path
 def test_rdrop_batch_loss_without_dropout_is_the_plain_loss(output_bias):
     """Both R-Drop passes of a model without dropout are the same: no KL term, and the
