@@ -84,7 +84,7 @@ def load_models(checkpoints: list[str], average_last: int, device: torch.device
     the first. Each of ``checkpoints`` is a file, or with ``average_last`` > 1 a run
     directory whose newest checkpoints are averaged. The members of an ensemble must
     translate the same direction with the same tokenizer."""
-    members = []
+    models = []
     for checkpoint in checkpoints:
         if average_last > 1:
             paths = last_checkpoints(Path(checkpoint), average_last)
@@ -95,20 +95,21 @@ def load_models(checkpoints: list[str], average_last: int, device: torch.device
         else:
             state, name = read_checkpoint(checkpoint), checkpoint
             log.info("loaded %s on %s", checkpoint, device)
-        model, tokenizer, train_cfg = load_checkpoint(state, device, name)
-        members.append((model, tokenizer, train_cfg, state["tokenizer"], name))
+        model, member_tokenizer, member_cfg = load_checkpoint(state, device, name)
+        if not models:  # the first: the others must match it
+            tokenizer, train_cfg, stored_tokenizer, first = (
+                member_tokenizer, member_cfg, state["tokenizer"], name)
+        else:  # checked as each is read: a mismatch stops before the rest are loaded
+            direction = (train_cfg.data.src_lang, train_cfg.data.tgt_lang)
+            other = (member_cfg.data.src_lang, member_cfg.data.tgt_lang)
+            if other != direction:
+                raise CheckpointError(f"ensemble: {name} translates {other[0]} -> {other[1]}, "
+                                      f"{first} {direction[0]} -> {direction[1]}")
+            if state["tokenizer"] != stored_tokenizer:
+                raise CheckpointError(f"ensemble: {name} has another tokenizer than {first}; "
+                                      "the members must share one")
+        models.append(model)
         del state  # its weights are in the model now
-    _, tokenizer, train_cfg, stored_tokenizer, first = members[0]
-    for _, _, other_cfg, other_tokenizer, name in members[1:]:
-        direction = (train_cfg.data.src_lang, train_cfg.data.tgt_lang)
-        other = (other_cfg.data.src_lang, other_cfg.data.tgt_lang)
-        if other != direction:
-            raise CheckpointError(f"ensemble: {name} translates {other[0]} -> {other[1]}, "
-                                  f"{first} {direction[0]} -> {direction[1]}")
-        if other_tokenizer != stored_tokenizer:
-            raise CheckpointError(f"ensemble: {name} has another tokenizer than {first}; "
-                                  "the members must share one")
-    models = [model for model, *_ in members]
     return (models[0] if len(models) == 1 else Ensemble(models)), tokenizer, train_cfg
 
 
