@@ -251,6 +251,9 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     run = setup(cfg, Path(run_dir))
     try:
         fit(run)
+        # No rank tears the process group down while another still talks through it: gloo
+        # then aborts a rank now and then ("terminate called without an active exception").
+        barrier(run.ddp)
     finally:
         run.logger.close()
         shutdown()
