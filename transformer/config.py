@@ -100,6 +100,9 @@ class TrainerConfig:
     seed: int = 1
     resume: str = "never"  # auto | never | <path to a checkpoint>
     init_from: str | None = None  # fine-tune a checkpoint: its weights, model and tokenizer
+    # resume although the data order changed (batching, seed, data, ranks): the current
+    # epoch restarts at its first batch (fairseq's --reset-dataloader)
+    reset_dataloader: bool = False
     compile: bool = False
     grad_accum: int = 1
     clip_norm: float | None = 1.0

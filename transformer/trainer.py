@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
@@ -55,6 +56,7 @@ from transformer.distributed import (
     gather,
     gradient_sync,
     init_distributed,
+    launch_rank,
     main_first,
     maybe_inject_fault,
     shutdown,
@@ -71,6 +73,13 @@ from transformer.loss import (
 from transformer.model import Transformer, build_model, count_parameters, keep_attention_weights
 from transformer.optim import build_optimizer, build_scheduler
 from transformer.precision import Precision, resolve_device
+from transformer.resume import (
+    adopt_tokenizer_settings,
+    data_fingerprint,
+    data_order_changes,
+    reseeded,
+)
+from transformer.run_lock import run_dir_lock
 from transformer.tokenizer import EOS_ID
 
 
@@ -239,6 +248,7 @@ class Run:
     pending_finite: list[tuple[int, Tensor]] = field(default_factory=list)  # unchecked steps
     ddp: Distributed = field(default_factory=Distributed)  # this process's rank, world size
     train_module: nn.Module | None = None  # (loss, nll) = train_module(batch); DDP-wrapped
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # of the data order (resume.py)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -248,15 +258,19 @@ class Run:
 def train(cfg: DictConfig, run_dir: Path) -> float:
     """Train as configured; return the best validation metric (what sweepers optimise)."""
     validate_config(cfg)
-    run = setup(cfg, Path(run_dir))
-    try:
-        fit(run)
-        # No rank tears the process group down while another still talks through it: gloo
-        # then aborts a rank now and then ("terminate called without an active exception").
-        barrier(run.ddp)
-    finally:
-        run.logger.close()
-        shutdown()
+    # One trainer per run directory, locked by rank 0 for the job before any slow work.
+    lock = run_dir_lock(Path(run_dir)) if launch_rank() == 0 else contextlib.nullcontext()
+    with lock:
+        run = setup(cfg, Path(run_dir))
+        try:
+            fit(run)
+            # No rank tears the process group down while another still talks through it:
+            # gloo then aborts a rank now and then ("terminate called without an active
+            # exception").
+            barrier(run.ddp)
+        finally:
+            run.logger.close()
+            shutdown()
     return run.state.best if run.state.best is not None else float("nan")
 
 
@@ -270,17 +284,21 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
         retain_freed_memory()
     precision = Precision.resolve(cfg.trainer.precision, device)
     init_state, resume_state = find_start(cfg.trainer, run_dir)  # before any slow work
-    if resume_state is not None:
-        check_world_size(resume_state.get("world_size", 1), ddp.world_size)
     given_tokenizers = None
     if init_state is not None:  # fine-tuning: the checkpoint's architecture and tokenizer
         adopt_architecture(cfg, init_state["config"]["model"])
         given_tokenizers = read_tokenizers(init_state["tokenizer"])
+    if resume_state is not None:  # the run's own tokenizer, whatever the cache holds now
+        adopt_tokenizer_settings(cfg.data, resume_state["config"]["data"])
+        given_tokenizers = read_tokenizers(resume_state["tokenizer"])
     seed_everything(cfg.trainer.seed)
     data_cfg: DataConfig = OmegaConf.to_object(cfg.data)
     with main_first(ddp):  # rank 0 tokenises and caches; the others then read the cache
         data = prepare_data(data_cfg, splits=[data_cfg.train_split, data_cfg.valid_split],
                             log=log.info, given_tokenizers=given_tokenizers)
+    fingerprint = data_fingerprint(data_cfg, cfg.trainer, data, ddp.world_size)
+    changes = [] if resume_state is None else data_order_changes(
+        resume_state, fingerprint, cfg.trainer.reset_dataloader)
     model = build_model(OmegaConf.to_object(cfg.model), data.src_tokenizer.vocab_size,
                         data.tgt_tokenizer.vocab_size).to(device)
     log.info("model: %s parameters", f"{count_parameters(model):,}")
@@ -294,9 +312,9 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     loss_fn = choose_loss_fn(device, cfg.trainer.compile, cfg.trainer.rdrop_alpha)
     loss_fn = torch.compile(loss_fn) if cfg.trainer.compile else loss_fn
     run = Run(cfg, run_dir, device, precision, data, model, loss_fn, optimizer, scheduler,
-              precision.grad_scaler(), NullLogger(), ddp=ddp)
+              precision.grad_scaler(), NullLogger(), ddp=ddp, fingerprint=fingerprint)
     if resume_state is not None:
-        restore(run, resume_state)
+        restore(run, resume_state, changes)
         run.saved_step = run.state.step
     run.train_module = wrap_for_training(model, loss_fn, cfg.trainer.label_smoothing, ddp)
     if device.type == "cuda":
@@ -703,6 +721,7 @@ def checkpoint_state(run: Run, rngs: list[dict[str, Any]] | None = None) -> dict
         "rng": rngs[0],
         "rng_per_rank": rngs,
         "world_size": run.ddp.world_size,
+        "data_fingerprint": run.fingerprint,  # compared on resume (resume.py)
         "config": OmegaConf.to_container(run.cfg, resolve=True),
         "tokenizer": tokenizer_entry(data.src_tokenizer, data.tgt_tokenizer),
         "vocab_size": {"src": data.src_tokenizer.vocab_size, "tgt": data.tgt_tokenizer.vocab_size},
@@ -776,7 +795,10 @@ def find_resume(resume: str, run_dir: Path) -> dict[str, Any] | None:
     return read_checkpoint(resume)
 
 
-def restore(run: Run, checkpoint: dict[str, Any]) -> None:
+def restore(run: Run, checkpoint: dict[str, Any], changes: Sequence[str] = ()) -> None:
+    """The checkpoint's whole training state into ``run``. ``changes``: what of the data
+    order ``trainer.reset_dataloader`` accepted (``data_order_changes``); then the current
+    epoch restarts at its first batch."""
     load_weights(run.model, checkpoint)
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     run.scheduler.load_state_dict(checkpoint["scheduler"])
@@ -784,19 +806,18 @@ def restore(run: Run, checkpoint: dict[str, Any]) -> None:
     run.state = TrainState(**checkpoint["train_state"])
     if "meter" in checkpoint:  # older checkpoints: a fresh meter
         run.meter.load_state_dict(checkpoint["meter"])
-    set_rng_state(checkpoint.get("rng_per_rank", [checkpoint["rng"]])[run.ddp.rank])
+    rngs = checkpoint.get("rng_per_rank", [checkpoint["rng"]])
+    if len(rngs) == run.ddp.world_size:
+        set_rng_state(rngs[run.ddp.rank])
+    else:  # another world size, accepted: the saved streams do not map onto these ranks
+        seed_everything(reseeded(run.cfg.trainer.seed, run.state.step, run.ddp.rank))
+    if changes:
+        log.warning("trainer.reset_dataloader=true: %s; epoch %d restarts at its first batch "
+                    "(the checkpoint was at batch %d of it)", "; ".join(changes),
+                    run.state.epoch, run.state.batch_in_epoch)
+        run.state.batch_in_epoch = 0
     log.info("resumed at step %d (epoch %d, batch %d)", run.state.step, run.state.epoch,
              run.state.batch_in_epoch)
-
-
-def check_world_size(saved: int, current: int) -> None:
-    """An exact resume needs the same number of ranks: each rank's share of the batches,
-    its place in the epoch and its RNG stream all depend on it."""
-    if saved != current:
-        raise CheckpointError(
-            f"the checkpoint was trained by {saved} process(es) but this run has {current}: "
-            f"resume with the same torchrun --nnodes x --nproc_per_node (world size {saved}), "
-            "or start a new run (trainer.resume=never)")
 
 
 def rng_state() -> dict[str, Any]:
