@@ -13,8 +13,10 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,11 +24,10 @@ import torch
 
 import transformer.trainer as trainer_module
 from tests.conftest import make_toy_pairs
-from tests.test_faults import LiveRun, assert_same_run, train_command
+from tests.test_faults import REPO, LiveRun, assert_same_run, train_command
 from tests.test_train import compose_config
 from transformer.checkpoint import (
     CheckpointError,
-    latest_valid_checkpoint,
     read_checkpoint,
     read_tokenizers,
     save_checkpoint,
@@ -165,7 +166,8 @@ def test_another_world_size_is_refused_or_reset_with_fresh_random_streams(base, 
     fake_two_rank_checkpoint(base, two_ranks)
     resume = overrides(corpus, cache, INTERRUPTED + 2, f"trainer.resume={two_ranks}")
     message = refused(resume, tmp_path / "refused")
-    assert "world size: 2 -> 1" in message and message.count("->") == 1, message
+    assert "world size (torchrun --nnodes x --nproc_per_node): 2 -> 1" in message, message
+    assert message.count("->") == 1, message
 
     train(compose_config([*resume, "trainer.reset_dataloader=true"]), tmp_path / "run")
     state = last_checkpoint(tmp_path / "run")
@@ -328,28 +330,40 @@ def test_a_locked_run_directory_stops_a_second_trainer_naming_the_holder(corpus,
         pass
 
 
-def test_two_trainers_on_one_run_directory_and_a_kill_9(corpus, cache, tmp_path):
-    """A second train.py on a running trainer's directory exits 2 at once naming the
-    first's pid; once the first is killed (-9), its run resumes: no stale lock."""
+# A process that holds a run directory's lock, as a trainer does, until it is killed.
+HOLDER = """
+import sys, time
+from transformer.run_lock import run_dir_lock
+
+with run_dir_lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_train_py_on_a_locked_run_directory_exits_2_and_a_kill_9_frees_it(corpus, cache,
+                                                                           tmp_path):
+    """A second train.py on a directory another process holds exits 2 at once, naming that
+    process's pid; once the holder is killed (-9), the directory trains: no stale lock."""
     run_dir = tmp_path / "run"
-    first_command = train_command(overrides(corpus, cache, 100_000, f"hydra.run.dir={run_dir}"))
-    with LiveRun(first_command, tmp_path) as first:
-        first.wait_for(r"step 4 \|")
+    with LiveRun([sys.executable, "-c", HOLDER, str(run_dir)], REPO) as holder:
+        holder.wait_for("locked")
         second = subprocess.run(
             train_command(overrides(corpus, cache, 2, f"hydra.run.dir={run_dir}")),
             cwd=tmp_path, capture_output=True, text=True, timeout=120,
             env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert first.process.poll() is None  # still training
-        first.process.kill()
-        first.finish()
+        assert holder.process.poll() is None  # still holding it
+        holder.process.kill()
+        holder.finish()
+    assert holder.process.returncode == -signal.SIGKILL
     assert second.returncode == 2, second.stderr[-3000:]
     errors = [line for line in second.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, second.stderr[-3000:]
-    assert f"is in use by another trainer (pid {first.process.pid} on host " in errors[0]
+    assert f"is in use by another trainer (pid {holder.process.pid} on host " in errors[0]
     assert "Traceback" not in second.stderr
-    step = latest_valid_checkpoint(run_dir / "checkpoints")[1]["step"]
-    train(compose_config(overrides(corpus, cache, step + 2, "trainer.resume=auto")), run_dir)
-    assert last_checkpoint(run_dir)["step"] == step + 2
+    assert not (run_dir / "checkpoints").exists()
+    train(compose_config(overrides(corpus, cache, 2)), run_dir)
+    assert last_checkpoint(run_dir)["step"] == 2
 
 
 # ----------------------------------------------------------------------------- run stamps

@@ -29,7 +29,8 @@ from transformer.data import EncodedSplit, TranslationData, tokenizer_hash
 log = logging.getLogger("transformer")
 
 # How each item is named in messages; the others are named by their config key.
-LABELS = {"train_data": "training data", "world_size": "world size"}
+LABELS = {"train_data": "training data",
+          "world_size": "world size (torchrun --nnodes x --nproc_per_node)"}
 # Settings of the tokenizer a resumed run does not build (it keeps the checkpoint's).
 TOKENIZER_KEYS = ("vocab_size", "joint_vocab", "lowercase")
 
