@@ -131,7 +131,10 @@ def test_exact_stopping_never_scores_below_early_stopping():
     early = beam_search(model, src_tokens, beam=3, lenpen=1.0, max_len_b=12,
                         early_stopping=True)
     exact = beam_search(model, src_tokens, beam=3, lenpen=1.0, max_len_b=12)
-    assert all(x[0].score >= e[0].score for x, e in zip(exact, early, strict=True))
+    # The two searches drop finished sentences from the batch at different steps, so the
+    # same hypothesis is scored through differently shaped float64 products: its score may
+    # differ in the last bits (-2.2e-16 seen on an AVX2 CPU with one thread).
+    assert all(x[0].score >= e[0].score - 1e-12 for x, e in zip(exact, early, strict=True))
 
 
 def test_greedy_matches_reference():

@@ -430,7 +430,7 @@ def translate(model: Transformer | Ensemble, tokenizer: TextTokenizer, sentences
         return outputs
     eos_id = search_kwargs.get("eos_id", EOS_ID)
     src_ids = [ids + [eos_id] for ids in tokenizer.encode_batch([sentences[i] for i in todo])]
-    with Precision.resolve(precision, device).autocast():
+    with Precision.resolve(precision, device, training=False).autocast():
         hypotheses = translate_ids(model, src_ids, beam, lenpen, max_tokens, **search_kwargs)
     for i, text in zip(todo, tokenizer.decode_batch(hypotheses), strict=True):
         outputs[i] = text

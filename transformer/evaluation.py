@@ -49,7 +49,7 @@ def evaluate(cfg: EvalConfig | DictConfig, stdin: TextIO = sys.stdin,
              stdout: TextIO = sys.stdout) -> dict[str, dict]:
     """Load the checkpoint, then translate and score as ``cfg.mode`` says."""
     device = resolve_device(cfg.device)
-    precision = Precision.resolve(cfg.precision, device).name  # a bad name fails before loading
+    precision = Precision.resolve(cfg.precision, device, training=False).name  # fails early
     model, tokenizer, train_cfg = load_models([cfg.checkpoint, *cfg.ensemble],
                                               cfg.average_last, device)
 
