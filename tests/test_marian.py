@@ -231,7 +231,8 @@ def test_script_writes_a_checkpoint_that_translates(tmp_path, spm_model):
     scores = evaluate(EvalConfig(checkpoint=str(output), mode="files", beam=2,
                                  src_file=str(tmp_path / "src.en"),
                                  ref_file=str(tmp_path / "src.en"), output_dir=str(tmp_path)))
-    hypotheses = (tmp_path / "src.en.hyp").read_text().splitlines()
+    (hyp_path,) = tmp_path.glob("src.en.*.hyp")  # the settings are in its name
+    hypotheses = hyp_path.read_text().splitlines()
     assert hypotheses == translate(model, tokenizer, SOURCES, beam=2, lenpen=0.6)
     assert set(scores["src.en"]) >= {"bleu", "chrf"}
 
