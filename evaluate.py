@@ -7,9 +7,16 @@
     python evaluate.py checkpoint=RUN_A ensemble=[RUN_B,RUN_C] average_last=10  # an ensemble
 
 Prints sacreBLEU (cased, detokenized, with its signature), lowercased BLEU and chrF per
-split, and writes the translations to ``output_dir/<split>.<src>-<tgt>.hyp`` (by default
-``translations/`` in the checkpoint's run directory). Logs go to stderr, so in interactive
-mode stdout holds only translations.
+split, and writes the translations to ``output_dir/<split>.<src>-<tgt>.<settings>.hyp``
+(by default ``translations/`` in the checkpoint's run directory; ``<src_file name>`` for
+mode=files). ``<settings>`` names what changes the translations, so another evaluation of
+the run writes a file of its own: ``beam5.lenpen0.6.checkpoint_best`` (the checkpoint
+file's name), ``beam5.lenpen1.4.avg10`` (average_last=10), ``.ens3`` for an ensemble of 3,
+and the length limits and precision where they are not the defaults (``maxlen1.5x+5``,
+``minlen0``, ``bf16``). A source line longer than the model's max_len is translated from
+its first max_len - 1 tokens, with a warning naming the line. Logs go to stderr, so in
+interactive mode stdout holds only translations; there a line that is not UTF-8 gets an
+empty translation and a warning.
 """
 
 from __future__ import annotations

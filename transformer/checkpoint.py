@@ -194,13 +194,18 @@ def readable_checkpoint(path: Path) -> tuple[Path, dict[str, Any]] | None:
 
 
 def last_checkpoints(run_dir: Path, n: int) -> list[Path]:
-    """The newest ``n`` numbered checkpoints of a run directory (or its checkpoints/)."""
+    """The newest ``n`` numbered checkpoints of a run directory (or its checkpoints/). A
+    run that saved fewer (a short run, a small ``trainer.keep_last``) gives all it has,
+    with a warning: the evaluate command a run prints last must work for any run."""
     run_dir = Path(run_dir)
     directory = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
     found = step_checkpoints(directory)
+    if not found:
+        raise CheckpointError(f"{directory} has no numbered checkpoints "
+                              "(checkpoint_<step>.pt) to average")
     if len(found) < n:
-        raise CheckpointError(f"{directory} has {len(found)} numbered checkpoints, "
-                              f"fewer than the {n} to average")
+        log.warning("%s has %d numbered checkpoints, fewer than the %d asked for: averaging "
+                    "those %d", directory, len(found), n, len(found))
     return found[-n:]
 
 
