@@ -915,10 +915,15 @@ def command_line_overrides() -> list[str]:
     return [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("hydra.")]
 
 
+# Overrides that say where things are, not what the run is: left out of its HParams name.
+PLACE_KEYS = ("data.root", "data.cache_dir", "trainer.resume", "trainer.threads", "logger.")
+
+
 def trial_name(run_dir: Path) -> str:
     """The HParams row of this run: what it changed (``model.n_layers=2,optim.lr=5e-4``),
     else its run directory."""
-    return ",".join(command_line_overrides()) or str(run_dir)
+    changes = [o for o in command_line_overrides() if not o.lstrip("+~").startswith(PLACE_KEYS)]
+    return ",".join(changes) or str(run_dir)
 
 
 def peak_flops(device: torch.device) -> float | None:
