@@ -21,26 +21,19 @@ empty translation and a warning.
 
 from __future__ import annotations
 
-import sys
-
-import hydra
 from omegaconf import DictConfig
 
-from transformer.checkpoint import CheckpointError
-from transformer.config import ConfigError, register_configs
-from transformer.data import DataError
+from transformer.cli import entry_point
+from transformer.config import EvalConfig, register_configs
 from transformer.evaluation import evaluate
 
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
+# A user error prints one line `error: ...` and exits 2: transformer/cli.py.
+@entry_point("evaluate", EvalConfig)
 def main(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    except (ConfigError, CheckpointError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    evaluate(cfg)
 
 
 if __name__ == "__main__":
