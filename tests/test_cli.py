@@ -145,8 +145,7 @@ def test_train_help_explains_groups_and_keys_beside_hydras_listing(tmp_path, mon
     named = set(re.findall(r"^  ((?:trainer|optim|data|model)\.\w+)=", explained,
                            re.MULTILINE))
     assert {"trainer.max_steps", "trainer.precision", "trainer.resume", "optim.lr"} <= named
-    # trainer.threads comes with the trainer's thread setting (issue 28), merged separately
-    assert named - set(known) <= {"trainer.threads"}, named - set(known)
+    assert named <= set(known), named - set(known)
 
 
 def test_absolute_data_paths_resolve_against_the_start_folder(tmp_path, monkeypatch):
