@@ -64,7 +64,7 @@ def run_overrides(corpus: Path, cache: Path, *extra: str) -> list[str]:
     return ["debug=fast", "data=parallel_files", f"data.root={corpus}",
             f"data.cache_dir={cache}", "trainer.max_steps=8", "trainer.save_every_steps=4",
             "trainer.val_every_steps=1000", "trainer.log_every_steps=4",
-            "logger.tensorboard=false", *extra]
+            "model.dropout=0.1", "logger.tensorboard=false", *extra]  # dropout: RNG matters
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +248,11 @@ def test_a_legacy_checkpoint_loads_logs_and_resumes_the_same(trained, corpus, ca
     assert len(caplog.records) == 1
     assert f"{legacy} is in the legacy format" in caplog.text and "numpy.ndarray" in caplog.text
     assert isinstance(loaded["rng"]["numpy"], tuple)
+    draws = []
+    for rng in (loaded["rng"], state["rng"]):
+        set_rng_state(rng)
+        draws.append((random.random(), np.random.random(4).tolist(), torch.rand(4).tolist()))
+    assert draws[0] == draws[1]
     # Both resume to step 8 from step 4: the same weights, so the same RNG streams.
     for name, path in [("current", trained / "checkpoints" / "checkpoint_4.pt"),
                        ("legacy", legacy)]:
@@ -305,6 +310,16 @@ def test_export_of_an_average(trained, tmp_path, monkeypatch, capsys):
                       monkeypatch) == 2
     assert capsys.readouterr().err.startswith("error: checkpoint not found")
     assert not (tmp_path / "x").exists()
+
+
+def test_fine_tuning_starts_from_an_export(trained, corpus, cache, tmp_path):
+    original = read_checkpoint(trained)
+    exported = write_export(original, tmp_path / "exported")
+    train(compose_config(run_overrides(corpus, cache, f"trainer.init_from={exported}")),
+          tmp_path / "run")
+    first = read_checkpoint(tmp_path / "run" / "checkpoints" / "checkpoint_4.pt")  # from step 0
+    assert first["tokenizer"] == original["tokenizer"]
+    assert first["config"]["model"] == original["config"]["model"]
 
 
 def separate_vocabularies(tmp_path: Path) -> Path:
@@ -390,3 +405,19 @@ def test_a_bad_export_names_the_file(trained, tmp_path):
     missing = variant("missing")
     (missing / "config.json").unlink()
     one_line_error(missing, f"{missing / 'config.json'} not found")
+
+
+def test_export_of_a_converted_marian_model(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("sentencepiece")
+    from tests.test_marian import marian_directory, train_spm
+    from transformer.marian import convert_marian
+
+    directory = marian_directory(tmp_path / "opus-mt", train_spm(48, seed=0), shared=True)
+    with pytest.raises(CheckpointError, match="a Hugging Face Marian model"):
+        read_checkpoint(directory)  # its config.json is not an export's
+    state = convert_marian(directory)
+    exported = write_export(state, tmp_path / "exported")
+    assert read_export(exported)["tokenizer"] == state["tokenizer"]
+    (model, tokenizer, _), (reference, _, _) = load_checkpoint(exported), load_checkpoint(state)
+    assert outputs(model, tokenizer) == outputs(reference, tokenizer)
