@@ -9,7 +9,7 @@ Layout of a run directory (``outputs/<date>/<time>/``)::
 
 Reading never runs code from a file: ``torch.load(weights_only=True)`` builds tensors and
 plain data (dicts, lists, strings, numbers) only. A checkpoint of format 1 also holds numpy's
-RNG state, read through ``LEGACY_GLOBALS``; a file that names anything else is refused.
+RNG state, read through ``legacy_globals()``; a file that needs anything else is refused.
 A folder written by ``scripts/export.py`` (``transformer/export.py``) reads like a
 checkpoint that holds weights only.
 """
@@ -338,8 +338,8 @@ def load_checkpoint(path: str | Path | dict[str, Any], device: str | torch.devic
         state, path = path, name
     else:
         state = read_checkpoint(path)
-    # An exported folder's config and sizes are in its config.json: name that file.
-    source = Path(path) / "config.json" if is_export(Path(path)) else path
+    exported = is_export(Path(path))  # its config and sizes are in config.json: name it
+    source = Path(path) / "config.json" if exported else path
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), state["config"])
     except Exception as error:  # omegaconf raises several types for an alien config
@@ -350,7 +350,7 @@ def load_checkpoint(path: str | Path | dict[str, Any], device: str | torch.devic
         model = build_model(OmegaConf.to_object(cfg.model), vocab["src"], vocab["tgt"])
         model.load_state_dict(state["model"])
     except (RuntimeError, ValueError) as error:
-        what = ("does not match the weights in model.safetensors" if source != path
+        what = ("does not match the weights in model.safetensors" if exported
                 else "does not match the model code")
         raise CheckpointError(f"{source} {what}: {one_line(error)}") from error
     return model.to(device).eval(), read_tokenizer(state["tokenizer"]), cfg
