@@ -335,7 +335,7 @@ def test_linked_checkpoint_survives_pruning_of_its_source(tmp_path):
     prune_checkpoints(tmp_path, keep_last=1)
     assert not numbered.exists() and (tmp_path / "checkpoint_6.pt").exists()
     kept = read_checkpoint(tmp_path / "checkpoint_last.pt")["model"]
-    expected = torch.load(tmp_path / "checkpoint_6.pt", weights_only=False)["model"]
+    expected = torch.load(tmp_path / "checkpoint_6.pt", weights_only=True)["model"]
     assert any(not torch.equal(kept[k], expected[k]) for k in kept)  # it is step 5's
     assert not list(tmp_path.glob(".*tmp*"))
 

@@ -821,14 +821,26 @@ def check_world_size(saved: int, current: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
+    """This process's RNG states, as tensors and plain data (weights-only loading reads
+    them): numpy's tuple becomes a dict, its uint32 key array an int64 tensor."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = {"bit_generator": name, "keys": torch.from_numpy(keys.astype(np.int64)),
+                   "pos": int(pos), "has_gauss": int(has_gauss),
+                   "cached_gaussian": float(cached_gaussian)}
+    return {"python": random.getstate(), "numpy": numpy_state,
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore ``rng_state()``'s states; numpy's also from the tuple of format-1 checkpoints."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["bit_generator"],
+                       numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
