@@ -7,6 +7,7 @@ import ctypes
 import functools
 import logging
 import math
+import os
 import random
 import signal
 import sys
@@ -283,6 +284,10 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     if device.type == "cpu":
         retain_freed_memory()
     precision = Precision.resolve(cfg.trainer.precision, device)
+    log.info("precision: %s (%s)", precision.name, precision.reason)
+    threads, why = choose_threads(cfg.trainer.threads, cfg.model.d_model)
+    torch.set_num_threads(threads)
+    log.info("CPU threads: %d (%s)", threads, why)
     init_state, resume_state = find_start(cfg.trainer, run_dir)  # before any slow work
     given_tokenizers = None
     if init_state is not None:  # fine-tuning: the checkpoint's architecture and tokenizer
@@ -323,7 +328,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
         # A resumed run purges events past its checkpoint and continues the same curves.
         purge = run.state.step + 1 if resume_state is not None else None
         run.logger = TensorBoardLogger(run_dir / "tb", purge_step=purge)
-        run.logger.hparams(flat_hparams(cfg), ["val/bleu", "val/loss", "val/ppl"])
+        run.logger.hparams(flat_hparams(cfg), trial_name(run_dir))
     return run
 
 
@@ -380,7 +385,8 @@ def run_steps(run: Run, sampler: TokenBatchSampler, split: EncodedSplit, progres
         # the epoch ran out
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         if cfg.val_every_steps is None:
-            validate_and_save(run)
+            with run.meter.paused():
+                validate_and_save(run)
     return False
 
 
@@ -475,10 +481,11 @@ def after_step(run: Run, output: StepOutput, progress: Progress) -> None:
         metrics = run.meter.summary(run)
         run.logger.scalars(metrics, state.step)
         progress.show(state.step, metrics)
-    if cfg.val_every_steps and state.step % cfg.val_every_steps == 0:
-        validate_and_save(run)
-    elif state.step % cfg.save_every_steps == 0:
-        save(run)
+    with run.meter.paused():  # train/tokens_per_s counts training time only
+        if cfg.val_every_steps and state.step % cfg.val_every_steps == 0:
+            validate_and_save(run)
+        elif state.step % cfg.save_every_steps == 0:
+            save(run)
 
 
 def check_finite(run: Run) -> None:
@@ -528,6 +535,15 @@ class Meter:
     def load_state_dict(self, sums: dict[str, float]) -> None:
         for name in self.SUMS:
             setattr(self, name, sums[name])
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside (validation, saving) does not count towards tokens/s."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - start
 
     def add(self, output: StepOutput) -> None:
         self.loss = self.loss + output.loss_sum
@@ -680,9 +696,13 @@ def log_attention_maps(run: Run, split: EncodedSplit) -> None:
                              tgt_labels),
             "cross": (modules[f"decoder.layers.{last_dec}.cross_attn"], src_labels, tgt_labels),
         }
+        layers = {"encoder_self": (last_enc, len(run.model.encoder.layers))}
+        layers["decoder_self"] = layers["cross"] = (last_dec, len(run.model.decoder.layers))
         for name, (module, keys, queries) in maps.items():
+            layer, n_layers = layers[name]
+            title = f"{name.replace('_', ' ')} attention, layer {layer + 1} of {n_layers}, head 1"
             run.logger.attention_map(f"attention/{name}", module.last_weights[0, 0], keys,
-                                     queries, run.state.step)
+                                     queries, run.state.step, title=title)
 
 
 # ----------------------------------------------------------------------------------------
@@ -821,14 +841,26 @@ def restore(run: Run, checkpoint: dict[str, Any], changes: Sequence[str] = ()) -
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
+    """This process's RNG states, as tensors and plain data (weights-only loading reads
+    them): numpy's tuple becomes a dict, its uint32 key array an int64 tensor."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = {"bit_generator": name, "keys": torch.from_numpy(keys.astype(np.int64)),
+                   "pos": int(pos), "has_gauss": int(has_gauss),
+                   "cached_gaussian": float(cached_gaussian)}
+    return {"python": random.getstate(), "numpy": numpy_state,
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore ``rng_state()``'s states; numpy's also from the tuple of format-1 checkpoints."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["bit_generator"],
+                       numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -851,6 +883,28 @@ def retain_freed_memory() -> bool:
                 and libc.mallopt(m_trim_threshold, 1 << 30))
 
 
+# Below this width a step's matrix products are too small to split across threads: the
+# threads' hand-offs cost more than they save, and a busy neighbour on the same cores makes
+# every hand-off wait (docs/benchmarks.md, "Threads").
+MIN_D_MODEL_FOR_THREADS = 128
+
+
+def choose_threads(requested: int | None, d_model: int) -> tuple[int, str]:
+    """``(threads, why)``: intra-op CPU threads for this process. ``trainer.threads`` if
+    set, else ``OMP_NUM_THREADS`` if set, else one for a small model and otherwise the
+    cores this process may use, shared among the processes torchrun starts on this node."""
+    if requested is not None:
+        return requested, "trainer.threads"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads(), "OMP_NUM_THREADS"
+    if d_model < MIN_D_MODEL_FOR_THREADS:
+        return 1, f"model.d_model={d_model} < {MIN_D_MODEL_FOR_THREADS}: too small to split"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    threads = max(1, (cores or 1) // local_ranks)
+    return threads, f"{cores} usable cores, {local_ranks} process(es) on this node"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -863,8 +917,17 @@ def seed_everything(seed: int) -> None:
 
 
 def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
-    """model.d_model=..., optim.lr=...: the keys a sweep varies, for the HParams table."""
+    """model.d_model=..., optim.lr=...: the keys a sweep varies, for the HParams table;
+    the command line's overrides first."""
     flat = {}
+    for override in command_line_overrides():
+        key, _, _ = override.lstrip("+~").partition("=")
+        try:
+            value = OmegaConf.select(cfg, key)
+        except Exception:  # an override of something that is not a config value
+            continue
+        if value is None or isinstance(value, (int, float, str, bool)):
+            flat[key] = "None" if value is None else value
     for group in ("model", "optim", "sched", "data"):
         for key, value in OmegaConf.to_container(cfg[group], resolve=True).items():
             if value is None or isinstance(value, (int, float, str, bool)):
@@ -872,6 +935,27 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     for key in ("max_steps", "grad_accum", "clip_norm", "label_smoothing", "seed"):
         flat[f"trainer.{key}"] = cfg.trainer[key] if cfg.trainer[key] is not None else "None"
     return flat
+
+
+def command_line_overrides() -> list[str]:
+    """This job's overrides of the config (``model.n_layers=2``, a sweep's values
+    included), without Hydra's own; empty outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("hydra.")]
+
+
+# Overrides that say where things are, not what the run is: left out of its HParams name.
+PLACE_KEYS = ("data.root", "data.cache_dir", "trainer.resume", "trainer.threads", "logger.")
+
+
+def trial_name(run_dir: Path) -> str:
+    """The HParams row of this run: what it changed (``model.n_layers=2,optim.lr=5e-4``),
+    else its run directory."""
+    changes = [o for o in command_line_overrides() if not o.lstrip("+~").startswith(PLACE_KEYS)]
+    return ",".join(changes) or str(run_dir)
 
 
 def peak_flops(device: torch.device) -> float | None:
