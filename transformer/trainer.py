@@ -948,7 +948,8 @@ def command_line_overrides() -> list[str]:
 
 
 # Overrides that say where things are, not what the run is: left out of its HParams name.
-PLACE_KEYS = ("data.root", "data.cache_dir", "trainer.resume", "trainer.threads", "logger.")
+PLACE_KEYS = ("data.root", "data.cache_dir", "trainer.resume", "trainer.reset_dataloader",
+              "trainer.threads", "logger.")
 
 
 def trial_name(run_dir: Path) -> str:
