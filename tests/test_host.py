@@ -81,12 +81,18 @@ def test_threads_follow_the_setting_then_the_environment_then_the_model(monkeypa
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(trainer.os, "sched_getaffinity", lambda pid: set(range(8)),
                         raising=False)
+    monkeypatch.setattr(trainer.os, "getloadavg", lambda: (0.2, 0.0, 0.0), raising=False)
     assert trainer.choose_threads(3, 512)[0] == 3
     assert trainer.choose_threads(None, 32) == (1, "model.d_model=32 < 128: too small to split")
     assert trainer.choose_threads(None, 128)[0] == 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's processes share the cores
     assert trainer.choose_threads(None, 512)[0] == 2
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert trainer.choose_threads(None, 512)[0] == 1
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setattr(trainer.os, "getloadavg", lambda: (2.7, 0.0, 0.0), raising=False)
+    assert trainer.choose_threads(None, 512)[0] == 5  # three cores are someone else's
+    monkeypatch.setattr(trainer.os, "getloadavg", lambda: (30.0, 0.0, 0.0), raising=False)
     assert trainer.choose_threads(None, 512)[0] == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "5")
     assert trainer.choose_threads(None, 512) == (torch.get_num_threads(), "OMP_NUM_THREADS")

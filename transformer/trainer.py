@@ -649,7 +649,7 @@ def validation_bleu(run: Run, split: EncodedSplit) -> float:
     """Corpus BLEU of the first val_max_sentences, lowercased when the tokenizer lowercases
     (``data.lowercase``); under DDP each rank translates every world_size-th sentence and
     the n-gram statistics are summed over ranks."""
-    n = run.cfg.trainer.val_max_sentences or len(split.src_ids)
+    n = min(run.cfg.trainer.val_max_sentences or len(split.src_ids), len(split.src_ids))
     mine = range(run.ddp.rank, n, run.ddp.world_size)
     src_ids = [split.src_ids[i] + [EOS_ID] for i in mine]
     hypotheses = []
@@ -884,15 +884,17 @@ def retain_freed_memory() -> bool:
 
 
 # Below this width a step's matrix products are too small to split across threads: the
-# threads' hand-offs cost more than they save, and a busy neighbour on the same cores makes
-# every hand-off wait (docs/benchmarks.md, "Threads").
+# threads' hand-offs cost more than they save (docs/benchmarks.md, "Threads").
 MIN_D_MODEL_FOR_THREADS = 128
 
 
 def choose_threads(requested: int | None, d_model: int) -> tuple[int, str]:
     """``(threads, why)``: intra-op CPU threads for this process. ``trainer.threads`` if
-    set, else ``OMP_NUM_THREADS`` if set, else one for a small model and otherwise the
-    cores this process may use, shared among the processes torchrun starts on this node."""
+    set, else ``OMP_NUM_THREADS`` if set, else one for a small model, and otherwise the
+    cores this process may use less those other work keeps busy (the load average), shared
+    among the processes torchrun starts on this node. A thread on a core that another
+    process holds makes every product wait for it: on a 2-core AMD EPYC with one other
+    busy process, the recipe's median step took 6.8 s with two threads, 1.8 s with one."""
     if requested is not None:
         return requested, "trainer.threads"
     if os.environ.get("OMP_NUM_THREADS"):
@@ -900,9 +902,12 @@ def choose_threads(requested: int | None, d_model: int) -> tuple[int, str]:
     if d_model < MIN_D_MODEL_FOR_THREADS:
         return 1, f"model.d_model={d_model} < {MIN_D_MODEL_FOR_THREADS}: too small to split"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    busy = min(os.getloadavg()[0], cores - 1) if hasattr(os, "getloadavg") else 0.0
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    threads = max(1, (cores or 1) // local_ranks)
-    return threads, f"{cores} usable cores, {local_ranks} process(es) on this node"
+    threads = max(1, round(cores - busy) // local_ranks)
+    return threads, (f"{cores} usable cores, {busy:.1f} busy with other work (load average), "
+                     f"{local_ranks} process(es) on this node")
 
 
 def seed_everything(seed: int) -> None:
