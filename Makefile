@@ -14,8 +14,9 @@ ARGS ?=
 # torch, the version CI tests. Where no NVIDIA driver answers, PyTorch's CPU index is offered
 # beside PyPI, so pip takes the CPU build (2.13.0+cpu sorts above 2.13.0) and not the
 # multi-GB CUDA one that PyPI ships for Linux; TORCH_INDEX= turns that off. Only torch itself
-# is looked up there (--no-deps): its dependencies come from PyPI with the package's. -qq:
-# errors only, else a cold set-up prints pages.
+# is looked up there (--no-deps): its dependencies come from PyPI with the package's. Where
+# that index cannot be reached, pip warns, retries for ~10 s and takes the build it finds.
+# -qq: errors only, else a cold set-up prints pages.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?= $(if $(shell nvidia-smi -L 2>/dev/null),,https://download.pytorch.org/whl/cpu)
 

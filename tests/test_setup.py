@@ -25,57 +25,66 @@ def make(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     outer = {"MULTI30K_DIR", "VENV", "ARGS", "TORCH_SPEC", "TORCH_INDEX", "MAKEFLAGS", "MFLAGS",
              "MAKELEVEL"}
     env = {key: value for key, value in os.environ.items() if key not in outer}
-    return subprocess.run(["make", *args], cwd=cwd, env=env, capture_output=True, text=True,
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=cwd,
+                          env={**env, "LC_ALL": "C"}, capture_output=True, text=True,
                           timeout=300)
 
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """A copy of the Makefile and pyproject.toml in ``tmp/repo``, beside which a test may put
-    ``tmp/shared/data/multi30k``; called from ``tmp/elsewhere``."""
+    ``tmp/shared/data/multi30k``; called from ``tmp/else/where`` (not beside ``shared``)."""
     repo = tmp_path / "repo"
     repo.mkdir()
     for name in ("Makefile", "pyproject.toml"):
         shutil.copy2(REPO / name, repo / name)
-    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "else" / "where").mkdir(parents=True)
     return repo
 
 
-def train_command(repo: Path, *args: str) -> str:
-    """The last command `make -n -C repo train ARGS=...` prints: the job itself."""
-    result = make("-n", "-C", str(repo), "train", *args, cwd=repo.parent / "elsewhere")
+def train_command(repo: Path, how: str, *args: str) -> str:
+    """The last command `make -n -C repo train ARGS=...` (or `-f repo/Makefile`) prints from
+    ``tmp/else/where``: the job itself."""
+    where = ["-C", str(repo)] if how == "-C" else ["-f", str(repo / "Makefile")]
+    result = make("-n", *where, "train", *args, cwd=repo.parent / "else" / "where")
     assert result.returncode == 0, result.stderr
-    return result.stdout.splitlines()[-2].strip()  # the last is "make: Leaving directory ..."
+    return result.stdout.splitlines()[-1].strip()
 
 
-def test_data_default_is_the_shared_copy_beside_the_repository(project):
+HOW = pytest.mark.parametrize("how", ["-C", "-f"])
+
+
+@HOW
+def test_data_default_is_the_shared_copy_beside_the_repository(project, how):
     shared = project.parent / "shared" / "data" / "multi30k"
     shared.mkdir(parents=True)
-    assert train_command(project, "ARGS=debug=fast trainer.max_steps=3") == (
+    assert train_command(project, how, "ARGS=debug=fast trainer.max_steps=3") == (
         f"cd {project} && MULTI30K_DIR={shared} {project}/.venv/bin/python train.py "
         "experiment=multi30k_en_de debug=fast trainer.max_steps=3")
 
 
-def test_a_relative_data_path_counts_from_the_repository(project):
-    command = train_command(project, "MULTI30K_DIR=../corpus")
-    assert f" MULTI30K_DIR={project.parent / 'corpus'} " in command, command
+@HOW
+def test_a_relative_data_path_counts_from_the_repository(project, how):
+    command = train_command(project, how, "MULTI30K_DIR=data/multi30k")
+    assert f" MULTI30K_DIR={project / 'data/multi30k'} " in command, command
 
 
-def test_without_data_the_job_runs_without_a_path(project):
-    command = train_command(project)
+@HOW
+def test_without_data_the_job_runs_without_a_path(project, how):
+    command = train_command(project, how)
     assert "MULTI30K_DIR" not in command
     assert command.endswith("train.py experiment=multi30k_en_de"), command
 
 
 def test_set_up_runs_once_and_again_when_pyproject_changes(project, tmp_path):
     venv = tmp_path / "venv"
-    first = make("-n", "-C", str(project), "setup", f"VENV={venv}", cwd=tmp_path / "elsewhere")
+    first = make("-n", "-C", str(project), "setup", f"VENV={venv}", cwd=tmp_path / "else" / "where")
     assert f"-m pip install -qq -e \"{project}[dev]\"" in first.stdout, first.stdout
 
     venv.mkdir()
     (venv / ".installed").touch()
     start = time.perf_counter()
-    warm = make("-C", str(project), "setup", f"VENV={venv}", cwd=tmp_path / "elsewhere")
+    warm = make("-C", str(project), "setup", f"VENV={venv}", cwd=tmp_path / "else" / "where")
     seconds = time.perf_counter() - start
     assert warm.returncode == 0 and "Nothing to be done" in warm.stdout, warm.stdout
     assert seconds < 1, seconds
