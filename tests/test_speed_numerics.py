@@ -15,14 +15,14 @@ from torch import Tensor
 
 from transformer import MultiHeadAttention, Transformer
 from transformer.attention import causal_mask, explicit_attention, fused_attention
-from transformer.config import OptimConfig, SchedConfig
+from transformer.config import OptimConfig
 from transformer.dropout import Dropout
 from transformer.loss import (
     label_smoothed_cross_entropy,
     linear_label_smoothed_cross_entropy,
     linear_rdrop_cross_entropy,
 )
-from transformer.optim import build_optimizer, build_scheduler
+from transformer.optim import build_optimizer
 from transformer.precision import Precision
 from transformer.trainer import batch_loss, rdrop_batch_loss, retain_freed_memory, train_step
 
@@ -343,12 +343,10 @@ def test_attention_under_cpu_bf16_autocast_runs_in_float32():
 def make_step(fused: bool, device: str = "cpu"):
     model, batch = tiny_model_and_batch(torch.float32, device)
     optimizer = build_optimizer(model, OptimConfig(lr=1e-3, fused=fused), torch.device(device))
-    scheduler = build_scheduler(optimizer, SchedConfig(warmup_steps=2), 100)
     precision = Precision.resolve("fp32", torch.device(device))
 
     def step(b: Batch = batch):
-        return train_step(model, [b], optimizer, scheduler, precision.grad_scaler(), precision,
-                          1.0, 0.1)
+        return train_step(model, [b], optimizer, precision.grad_scaler(), precision, 1.0, 0.1)
     return model, batch, optimizer, step
 
 
@@ -434,10 +432,9 @@ def test_compiled_step_matches_eager_on_cuda():
     for compile in (False, True):
         model, batch, optimizer, _ = make_step(True, "cuda")
         precision = Precision.resolve("bf16", torch.device("cuda"))
-        scheduler = build_scheduler(optimizer, SchedConfig(warmup_steps=2), 100)
         loss_fn = torch.compile(batch_loss) if compile else batch_loss
-        outputs = [train_step(model, [batch], optimizer, scheduler, precision.grad_scaler(),
-                              precision, 1.0, 0.1, loss_fn) for _ in range(3)]
+        outputs = [train_step(model, [batch], optimizer, precision.grad_scaler(), precision,
+                              1.0, 0.1, loss_fn) for _ in range(3)]
         losses.append(torch.stack([o.loss_sum for o in outputs]))
     torch.testing.assert_close(losses[0], losses[1], rtol=2e-2, atol=1e-2)
 
