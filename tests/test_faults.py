@@ -381,6 +381,16 @@ def test_a_corrupt_last_checkpoint_falls_back_to_the_previous_one(straight, corp
     assert_same_run(run_dir, straight)
 
 
+def test_resuming_with_other_parameter_groups_names_the_keys(corpus, cache, tmp_path):
+    """A run trained without weight decay has one parameter group; resumed with decay (two
+    groups: optim.no_decay's parameters apart) it stops with one line naming the keys."""
+    train(compose_config(run_overrides(corpus, cache, 2)), tmp_path)
+    with pytest.raises(CheckpointError, match="resume with the optim.weight_decay and "
+                                              "optim.no_decay it was trained with"):
+        train(compose_config(run_overrides(corpus, cache, 4, "optim.weight_decay=0.1",
+                                           "trainer.resume=auto")), tmp_path)
+
+
 def test_resume_auto_takes_the_newest_checkpoint_that_loads(tmp_path):
     directory = tmp_path / "checkpoints"
     for step in (4, 8):

@@ -793,7 +793,14 @@ def find_resume(resume: str, run_dir: Path) -> dict[str, Any] | None:
 
 def restore(run: Run, checkpoint: dict[str, Any]) -> None:
     load_weights(run.model, checkpoint)
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    try:
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
+    except ValueError as error:  # other parameter groups (weight decay and optim.no_decay)
+        raise CheckpointError(
+            f"the checkpoint's optimizer state does not fit this run's parameter groups "
+            f"({error}): resume with the optim.weight_decay and optim.no_decay it was "
+            "trained with (optim.no_decay=[] for a run from before that key existed)"
+        ) from None
     run.scheduler.load_state_dict(checkpoint["scheduler"])
     run.scaler.load_state_dict(checkpoint["scaler"])
     run.state = TrainState(**checkpoint["train_state"])
