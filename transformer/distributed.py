@@ -155,7 +155,9 @@ def wrap_for_training(model: nn.Module, loss_fn, label_smoothing: float, ddp: Di
     checkpoints keep using the bare ``model`` (its state_dict has no ``module.`` prefix)."""
     module = LossModule(model, loss_fn, label_smoothing)
     # device_ids=None: batches are already on this rank's device, so DDP need not move them.
-    return DistributedDataParallel(module) if ddp.enabled else module
+    # broadcast_buffers=False: the only buffers are the sinusoid tables, constant and the
+    # same on every rank; DDP would otherwise send rank 0's before every forward.
+    return DistributedDataParallel(module, broadcast_buffers=False) if ddp.enabled else module
 
 
 def gradient_sync(module: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
