@@ -11,6 +11,7 @@ import errno
 import gzip
 import io
 import itertools
+import logging
 import math
 import multiprocessing
 import os
@@ -735,6 +736,44 @@ def test_train_py_exits_2_with_one_line_and_leaves_nothing_to_resume(override, m
     assert f"error: {message}" in log.splitlines()
     assert "Traceback" not in log
     assert not (run_dir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("valid,message", [
+    (([" ", "", "a"], ["x", "y", ""]),
+     r"split 'valid' \(data.valid_split\) has no pairs left to validate on: 3 read, dropped 3 "
+     r"\(3 empty\)$"),
+    ((["word " * 40] * 2, ["x", "y"]),  # data.allow_long_eval=false (the default)
+     r"line 1 of .*/valid\.en and .*: .* more than data\.max_len=32; set "
+     r"data\.allow_long_eval=true to keep such valid pairs truncated$"),
+], ids=["all-empty", "all-too-long"])
+def test_a_valid_split_without_usable_pairs_stops_the_run_before_its_first_step(
+        valid, message, write_corpus, toy_pairs, cache, tmp_path, monkeypatch):
+    """Not a ZeroDivisionError at the first validation, after the training steps."""
+    corpus = write_corpus({"train": toy_pairs(300, seed=1), "valid": valid,
+                           "test": toy_pairs(4)})
+
+    def no_step(*args, **kwargs):
+        raise AssertionError("a training step ran")
+
+    monkeypatch.setattr(trainer_module, "train_step", no_step)
+    with pytest.raises(DataError, match=message):
+        train(compose_config(run_overrides(corpus, cache, 4, "data.max_len=32")), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_train_logs_how_many_pairs_each_split_dropped_and_why(write_corpus, toy_pairs, cache,
+                                                              tmp_path, caplog):
+    (src, tgt), (valid_src, valid_tgt) = toy_pairs(300, seed=1), toy_pairs(40, seed=2)
+    corpus = write_corpus({"train": ([*src, "", "word " * 40], [*tgt, "x", "y"]),
+                           "valid": ([*valid_src, " "], [*valid_tgt, "z"]), "test": toy_pairs(4)})
+    for run in ("corpus", "cache"):  # the second run reads the encoded splits from the cache
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="transformer"):
+            train(compose_config(run_overrides(corpus, cache, 1, "data.max_len=32")),
+                  tmp_path / run)
+        assert f"train: 300 of 302 pairs kept, dropped 2 (1 empty, 1 too long); from {run}" \
+            in caplog.text
+        assert f"valid: 40 of 41 pairs kept, dropped 1 (1 empty); from {run}" in caplog.text
 
 
 # ----------------------------------------------------------------------------- bad corpora

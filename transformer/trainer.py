@@ -42,6 +42,7 @@ from transformer.data import (
     TokenBatchSampler,
     TranslationData,
     collate,
+    dropped_text,
     prepare_data,
 )
 from transformer.decoding import evaluating, translate_ids
@@ -321,6 +322,11 @@ def fit(run: Run) -> None:
         rank=run.ddp.rank, world_size=run.ddp.world_size)  # each rank its share of batches
     if len(sampler) == 0:
         raise DataError(f"split {run.cfg.data.train_split!r} has no pairs left to train on")
+    valid_split = run.data.splits[run.cfg.data.valid_split]
+    if len(valid_split) == 0:  # else validation would divide by zero, after the training
+        raise DataError(f"split {valid_split.name!r} (data.valid_split) has no pairs left to "
+                        f"validate on: {valid_split.stats.read} read, dropped "
+                        f"{dropped_text(valid_split.stats)}")
     progress = Progress(cfg.max_steps, state.step, run.ddp.is_main)
     run.meter.start = time.perf_counter()  # throughput counts from the loop, not from setup
     with StopSignal() as stop:
