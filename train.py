@@ -12,33 +12,23 @@ transformer/trainer.py.
 
 from __future__ import annotations
 
-import logging
-import sys
-
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from transformer.checkpoint import CheckpointError
-from transformer.config import ConfigError, register_configs
-from transformer.data import DataError
+from transformer.cli import entry_point
+from transformer.config import TrainConfig, register_configs
 from transformer.distributed import register_run_stamp_resolver
 from transformer.trainer import train
 
 register_configs()
 register_run_stamp_resolver()
-log = logging.getLogger("transformer")
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+# A user error (a bad key or value, bad data, a run directory that cannot be written)
+# prints one line `error: ...` and exits 2: transformer/cli.py.
+@entry_point("train", TrainConfig)
 def main(cfg: DictConfig) -> float:
-    try:
-        return train(cfg, HydraConfig.get().runtime.output_dir)
-    except (ConfigError, DataError, CheckpointError, FloatingPointError) as error:
-        # One clear line instead of a traceback: the message names the key, file or step.
-        log.error("%s: %s", type(error).__name__, error)
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    return train(cfg, HydraConfig.get().runtime.output_dir)
 
 
 if __name__ == "__main__":

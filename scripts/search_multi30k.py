@@ -83,6 +83,10 @@ def main() -> int:
     parser.add_argument("--no-test", action="store_true", help="val only")
     parser.add_argument("overrides", nargs="*", help="extra overrides for every run")
     args = parser.parse_args()
+    # The runs start in the repository root: relative paths name places under this folder.
+    args.out = args.out.absolute()
+    if os.environ.get("MULTI30K_DIR"):
+        os.environ["MULTI30K_DIR"] = os.path.abspath(os.environ["MULTI30K_DIR"])
     names = [args.only] if args.only else args.candidates.split(",")
     trials = make_trials(args.directions.split(","), names, args.overrides, args.out)
     start = time.monotonic()

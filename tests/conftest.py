@@ -15,6 +15,14 @@ from transformer.config import DataConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The README exports a relative ``MULTI30K_DIR``; tests start train.py and other
+    commands in temporary folders, where a relative path names nothing. Make it absolute
+    against the folder pytest was started in, before any test hands it on."""
+    if os.environ.get("MULTI30K_DIR"):
+        os.environ["MULTI30K_DIR"] = os.path.abspath(os.environ["MULTI30K_DIR"])
+
+
 @pytest.fixture(scope="session")
 def multi30k_dir() -> Path:
     """The Multi30k Task 1 files: ``$MULTI30K_DIR``, else ``../shared/data/multi30k`` beside

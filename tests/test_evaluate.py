@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from transformer.checkpoint import (
     save_checkpoint,
 )
 from transformer.config import ConfigError, DataConfig, EvalConfig, ModelConfig, TrainConfig
+from transformer.data import DataError
 from transformer.decoding import translate
 from transformer.ensemble import Ensemble
 from transformer.evaluation import default_output_dir, evaluate, score
@@ -49,6 +51,12 @@ def make_checkpoint(path: Path, seed: int = 0, data: DataConfig | None = None) -
 def eval_config(**overrides) -> EvalConfig:
     return OmegaConf.structured(EvalConfig(**{"device": "cpu", "beam": 2,
                                               "max_len_b": 5, **overrides}))
+
+
+def hyp_file(directory: Path, name: str) -> Path:
+    """The one translations file of ``name`` in ``directory`` (its settings in its name)."""
+    (path,) = directory.glob(f"{name}.*.hyp")
+    return path
 
 
 def test_load_checkpoint_round_trip(tmp_path):
@@ -109,10 +117,31 @@ def test_evaluate_averages_the_last_checkpoints_of_a_run(tmp_path):
                                     output_dir=str(tmp_path / "scripted"),
                                     scores_file=str(tmp_path / "scores.json"), **files))
     assert averaged == scripted == json.loads((tmp_path / "scores.json").read_text())
-    assert (tmp_path / "averaged" / "src.en.hyp").read_text() == \
-        (tmp_path / "scripted" / "src.en.hyp").read_text()
-    with pytest.raises(CheckpointError, match="3 numbered checkpoints, fewer than the 4"):
-        evaluate(eval_config(checkpoint=str(tmp_path / "run"), average_last=4, **files))
+    assert hyp_file(tmp_path / "averaged", "src.en").read_text() == \
+        hyp_file(tmp_path / "scripted", "src.en").read_text()
+
+
+def test_averaging_more_than_a_run_saved_averages_what_it_has(tmp_path, caplog):
+    """The command a training run prints last (average_last=10) works for a run that kept
+    fewer checkpoints: it averages those, and says how many. None at all is an error."""
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for step, seed in [(100, 3), (200, 0), (300, 1)]:
+        make_checkpoint(checkpoints / f"checkpoint_{step}.pt", seed=seed)
+    (tmp_path / "src.en").write_text("a dog runs.\ntwo children play.\n")
+    files = {"mode": "files", "src_file": str(tmp_path / "src.en")}
+    evaluate(eval_config(checkpoint=str(tmp_path / "run"), average_last=3,
+                         output_dir=str(tmp_path / "three"), **files))
+    with caplog.at_level("WARNING", logger="transformer.checkpoint"):
+        evaluate(eval_config(checkpoint=str(tmp_path / "run"), average_last=10,
+                             output_dir=str(tmp_path / "ten"), **files))
+    assert hyp_file(tmp_path / "ten", "src.en").read_text() == \
+        hyp_file(tmp_path / "three", "src.en").read_text()
+    assert "has 3 numbered checkpoints, fewer than the 10 asked for: averaging those 3" \
+        in caplog.text
+    for old in checkpoints.iterdir():
+        old.unlink()
+    with pytest.raises(CheckpointError, match="has no numbered checkpoints"):
+        evaluate(eval_config(checkpoint=str(tmp_path / "run"), average_last=10, **files))
 
 
 def test_evaluate_ensemble_decodes_the_members_together(tmp_path):
@@ -127,7 +156,7 @@ def test_evaluate_ensemble_decodes_the_members_together(tmp_path):
         out = tmp_path / f"out_{len(list(tmp_path.iterdir()))}"
         evaluate(eval_config(checkpoint=str(checkpoint), ensemble=[str(e) for e in ensemble],
                              output_dir=str(out), **files))
-        return (out / "src.en.hyp").read_text().splitlines()
+        return hyp_file(out, "src.en").read_text().splitlines()
 
     (model_a, tokenizer, _), (model_b, _, _) = load_checkpoint(a), load_checkpoint(b)
     expected = translate(Ensemble([model_a, model_b]), tokenizer, src, beam=2, max_len_b=5)
@@ -169,8 +198,62 @@ def test_files_mode_writes_hypotheses_and_scores(tmp_path, capsys):
                                    src_file=str(tmp_path / "in.en"),
                                    ref_file=str(tmp_path / "ref.de"), output_dir=str(tmp_path)))
     assert set(results["in.en"]) >= {"bleu", "bleu_lc", "chrf", "bleu_signature"}
-    assert len((tmp_path / "in.en.hyp").read_text().splitlines()) == 6
+    assert len(hyp_file(tmp_path, "in.en").read_text().splitlines()) == 6
     assert "BLEU" in capsys.readouterr().out
+
+
+def test_files_mode_refuses_empty_files(tmp_path):
+    """sacreBLEU cannot score zero sentences (it raised an IndexError): a clear DataError,
+    which evaluate.py prints as one error line."""
+    path = make_checkpoint(tmp_path / "a.pt")
+    (tmp_path / "in.en").write_text("")
+    (tmp_path / "ref.de").write_text("")
+    for ref_file in [str(tmp_path / "ref.de"), None]:
+        with pytest.raises(DataError, match="in.en is empty: no line to translate"):
+            evaluate(eval_config(checkpoint=str(path), mode="files", ref_file=ref_file,
+                                 src_file=str(tmp_path / "in.en"), output_dir=str(tmp_path)))
+    assert not list(tmp_path.glob("*.hyp"))
+
+
+def test_files_mode_cuts_a_line_longer_than_max_len(tmp_path, caplog):
+    """One output line per input line; the long one (TINY.max_len=128 tokens) translated
+    from its first 127 tokens with a warning naming the line, as if cut by hand."""
+    path = make_checkpoint(tmp_path / "a.pt")
+    model, tokenizer, _ = load_checkpoint(path)
+    long_line = " ".join(["a dog runs on the grass"] * 40)
+    cut = tokenizer.decode(tokenizer.encode(long_line)[:127])
+    (tmp_path / "in.en").write_text(f"a dog runs.\n{long_line}\n\ntwo children play.\n")
+    with caplog.at_level("WARNING", logger="transformer"):
+        evaluate(eval_config(checkpoint=str(path), mode="files",
+                             src_file=str(tmp_path / "in.en"), output_dir=str(tmp_path)))
+    assert "line 2: " in caplog.text and "max_len=128" in caplog.text
+    assert hyp_file(tmp_path, "in.en").read_text().split("\n") == translate(
+        model, tokenizer, ["a dog runs.", cut, "", "two children play."], beam=2,
+        max_len_b=5) + [""]
+
+
+def test_interactive_mode_survives_long_lines_and_bytes_that_are_not_utf8(tmp_path):
+    """Through the real stdin of evaluate.py: a line that is not UTF-8 gets an empty output
+    line and a warning, a long one is cut, and the lines after them are translated (each
+    used to end the run with a traceback)."""
+    path = make_checkpoint(tmp_path / "a.pt")
+    long_line = " ".join(["a dog runs on the grass"] * 40).encode()
+    lines = [b"a dog runs.", long_line, b"two \xff\xfe children.", b"", b"two children play."]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "evaluate.py"), f"checkpoint={path}", "mode=interactive",
+         "device=cpu", "beam=2", "max_len_b=5"], input=b"\n".join(lines) + b"\r\n",
+        capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    stderr = result.stderr.decode()
+    assert result.returncode == 0, stderr
+    outputs = result.stdout.decode().split("\n")
+    assert len(outputs) == 6 and outputs[5] == ""
+    model, tokenizer, _ = load_checkpoint(path)
+    assert outputs[2] == outputs[3] == "" and outputs[1] != ""
+    assert [outputs[0], outputs[4]] == translate(
+        model, tokenizer, ["a dog runs.", "two children play."], beam=2, max_len_b=5)
+    assert "line 2: " in stderr and "max_len=128" in stderr
+    assert "line 3: bytes that are not UTF-8 (b'\\xff\\xfe c')" in stderr
+    assert "Traceback" not in stderr
 
 
 def test_translations_go_to_the_run_directory_by_default(tmp_path):
@@ -180,8 +263,8 @@ def test_translations_go_to_the_run_directory_by_default(tmp_path):
     (tmp_path / "ref.de").write_text("\n".join(ref) + "\n")
     evaluate(eval_config(checkpoint=str(path), mode="files", src_file=str(tmp_path / "in.en"),
                          ref_file=str(tmp_path / "ref.de")))
-    assert len((tmp_path / "run" / "translations" / "in.en.hyp").read_text().splitlines()) == 4
     translations = tmp_path / "run" / "translations"
+    assert len(hyp_file(translations, "in.en").read_text().splitlines()) == 4
     assert default_output_dir(str(tmp_path / "run")) == translations  # average_last's form
     assert default_output_dir(str(tmp_path / "run" / "checkpoints")) == translations
     assert default_output_dir(str(tmp_path / "avg.pt")) == tmp_path / "translations"
@@ -252,6 +335,57 @@ def test_linked_checkpoint_survives_pruning_of_its_source(tmp_path):
     prune_checkpoints(tmp_path, keep_last=1)
     assert not numbered.exists() and (tmp_path / "checkpoint_6.pt").exists()
     kept = read_checkpoint(tmp_path / "checkpoint_last.pt")["model"]
-    expected = torch.load(tmp_path / "checkpoint_6.pt", weights_only=False)["model"]
+    expected = torch.load(tmp_path / "checkpoint_6.pt", weights_only=True)["model"]
     assert any(not torch.equal(kept[k], expected[k]) for k in kept)  # it is step 5's
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_evaluations_with_other_settings_keep_their_own_files(tmp_path):
+    """Two evaluations of one run used to overwrite translations/<split>.hyp: the file name
+    now carries the settings that change the translations."""
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for step, seed in [(100, 0), (200, 1)]:
+        make_checkpoint(checkpoints / f"checkpoint_{step}.pt", seed=seed)
+    (tmp_path / "in.en").write_text("a dog runs.\ntwo children play.\n")
+    files = {"mode": "files", "src_file": str(tmp_path / "in.en"), "max_len_b": 10}
+    evaluations = [
+        ({"checkpoint": str(checkpoints / "checkpoint_200.pt"), "beam": 1},
+         "translations/in.en.beam1.lenpen0.6.checkpoint_200.hyp"),
+        ({"checkpoint": str(checkpoints / "checkpoint_200.pt"), "beam": 3},
+         "translations/in.en.beam3.lenpen0.6.checkpoint_200.hyp"),
+        ({"checkpoint": str(checkpoints / "checkpoint_100.pt"), "beam": 3},
+         "translations/in.en.beam3.lenpen0.6.checkpoint_100.hyp"),
+        ({"checkpoint": str(tmp_path / "run"), "average_last": 2, "lenpen": 1.4},
+         "translations/in.en.beam2.lenpen1.4.avg2.hyp"),
+        ({"checkpoint": str(checkpoints / "checkpoint_200.pt"), "min_len": 0,
+          "max_len_b": 5, "precision": "bf16",
+          "ensemble": [str(checkpoints / "checkpoint_100.pt")]},
+         "translations_ensemble/in.en.beam2.lenpen0.6.maxlen1.2x+5.minlen0.bf16"
+         ".checkpoint_200.ens2.hyp"),
+    ]
+    contents = {}
+    for overrides, name in evaluations:
+        evaluate(eval_config(**{**files, **overrides}))
+        contents[name] = (tmp_path / "run" / name).read_text()
+    for name, text in contents.items():  # each evaluation's file is still there, unchanged
+        assert (tmp_path / "run" / name).read_text() == text
+        assert len(text.splitlines()) == 2
+    assert len(list((tmp_path / "run").glob("translations*/*.hyp"))) == len(evaluations)
+
+
+def test_readme_python_snippet_runs_on_this_machine(tmp_path):
+    """The README's "From Python" snippet, with a tiny checkpoint in place of
+    checkpoint_best.pt: it must run on a CPU-only install (it used to pass device="cuda")."""
+    readme = (REPO / "README.md").read_text()
+    evaluation = readme[readme.index("## Evaluation"):]
+    snippet = evaluation[evaluation.index("From Python:"):].split("```python\n")[1]
+    snippet = snippet[: snippet.index("```")]
+    assert '"checkpoint_best.pt"' in snippet
+    path = make_checkpoint(tmp_path / "checkpoint_best.pt")
+    *statements, last = snippet.strip().split("\n")
+    namespace: dict = {}
+    exec("\n".join(statements).replace('"checkpoint_best.pt"', repr(str(path))), namespace)
+    outputs = eval(last, namespace)
+    assert isinstance(outputs, list) and len(outputs) == 1 and isinstance(outputs[0], str)
+    expected_device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert next(namespace["model"].parameters()).device.type == expected_device

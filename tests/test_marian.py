@@ -231,7 +231,8 @@ def test_script_writes_a_checkpoint_that_translates(tmp_path, spm_model):
     scores = evaluate(EvalConfig(checkpoint=str(output), mode="files", beam=2,
                                  src_file=str(tmp_path / "src.en"),
                                  ref_file=str(tmp_path / "src.en"), output_dir=str(tmp_path)))
-    hypotheses = (tmp_path / "src.en.hyp").read_text().splitlines()
+    (hyp_path,) = tmp_path.glob("src.en.*.hyp")  # the settings are in its name
+    hypotheses = hyp_path.read_text().splitlines()
     assert hypotheses == translate(model, tokenizer, SOURCES, beam=2, lenpen=0.6)
     assert set(scores["src.en"]) >= {"bleu", "chrf"}
 
@@ -345,3 +346,40 @@ def nll(model, split) -> float:
         logits = model(batch.src_tokens, batch.tgt_input)
     return torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.tgt_output,
                                              ignore_index=0).item()
+
+
+def run_converter(directory: Path, output: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_marian.py"),
+                           "--input", str(directory), "--output", str(output)],
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_script_refuses_corrupt_weights_in_one_line(tmp_path, spm_model, damage):
+    directory = marian_directory(tmp_path / "opus-mt", spm_model, shared=True)
+    weights = directory / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00" * 64)
+    if damage == "garbage":  # the library call; the script's exit is shown once, below
+        with pytest.raises(MarianConversionError, match="model.safetensors is truncated"):
+            convert_marian(directory)
+        return
+    result = run_converter(directory, tmp_path / "out.pt")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and "model.safetensors" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "out.pt").exists()
+
+
+@pytest.mark.parametrize("key, change", [("vocab_size", +7), ("vocab_size", -5),
+                                         ("decoder_vocab_size", +3)])
+def test_a_vocab_size_the_weights_do_not_have_is_refused(tmp_path, spm_model, key, change):
+    """Each used to end in a traceback (an IndexError, or load_state_dict's size
+    mismatch); the script prints MarianConversionError as one ``error:`` line."""
+    directory = marian_directory(tmp_path / "opus-mt", spm_model, shared=False)
+    config = json.loads((directory / "config.json").read_text())
+    config[key] += change
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MarianConversionError, match=f"config.json has {key}={config[key]}, "
+                                                    "but the weights' .* has"):
+        convert_marian(directory)

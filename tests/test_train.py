@@ -11,6 +11,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import api_pb2 as hp_api
+from tensorboard.plugins.hparams import backend_context as hp_backend
+from tensorboard.plugins.hparams import metadata as hp_metadata
 
 from transformer.checkpoint import read_checkpoint
 from transformer.config import register_configs
@@ -73,11 +76,21 @@ def test_sweep_runs_two_jobs_with_hparams(multi30k_dir, data_cache, tmp_path):
                         "trainer.val_every_steps=10", f"hydra.sweep.dir={sweep_dir}"],
                        multi30k_dir, data_cache, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    runs = {}
     for job in ("0", "1"):
         accumulator = events(sweep_dir / job)
         assert "val/bleu" in accumulator.Tags()["scalars"]
-        plugin_runs = accumulator.PluginTagToContent("hparams")
-        assert plugin_runs, f"job {job} has no HParams entry"
+        runs[job] = accumulator.PluginTagToContent("hparams")
+        assert list(runs[job]) == [hp_metadata.SESSION_START_INFO_TAG], runs[job]
+    trials = {hp_metadata.parse_session_start_info_plugin_data(
+        runs[job][hp_metadata.SESSION_START_INFO_TAG]).group_name for job in runs}
+    assert trials == {f"debug=fast,optim.lr={lr},trainer.max_steps=10,trainer.val_every_steps=10"
+                      for lr in ("0.001", "0.0005")}, trials  # no data.cache_dir: a place
+    # TensorBoard's own table for these runs: the swept key is the first column.
+    context = hp_backend.Context.__new__(hp_backend.Context)
+    experiment = hp_api.Experiment(hparam_infos=context._compute_hparam_infos(runs))
+    hp_backend._sort_and_reduce_to_hparams_limit(experiment, None)
+    assert experiment.hparam_infos[0].name == "optim.lr"
     lrs = {read_checkpoint(sweep_dir / job / "checkpoints" / "checkpoint_last.pt")
            ["config"]["optim"]["lr"] for job in ("0", "1")}
     assert lrs == {1e-3, 5e-4}

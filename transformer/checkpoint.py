@@ -6,6 +6,12 @@ Layout of a run directory (``outputs/<date>/<time>/``)::
     checkpoints/checkpoint_last.pt    the newest state, rewritten at every save
     checkpoints/checkpoint_best.pt    the best by val/bleu (or val/loss)
     checkpoints/checkpoint_<step>.pt  the last ``trainer.keep_last`` saves
+
+Reading never runs code from a file: ``torch.load(weights_only=True)`` builds tensors and
+plain data (dicts, lists, strings, numbers) only. A checkpoint of format 1 also holds numpy's
+RNG state, read through ``legacy_globals()``; a file that needs anything else is refused.
+A folder written by ``scripts/export.py`` (``transformer/export.py``) reads like a
+checkpoint that holds weights only.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the RNG state is plain data, so weights-only loading reads it whole
 REQUIRED_KEYS = ("format_version", "model", "config", "tokenizer", "step")
 STEP_FILE = re.compile(r"checkpoint_(\d+)\.pt$")
 
@@ -30,6 +36,12 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable or does not fit; the message names the file."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint whose pickle names a function or class outside the allow-lists: loading
+    it would import and call that (a pickle can run any code). Refused before anything of
+    the file is built; ``trainer.resume=auto`` stops at it instead of trying an older one."""
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -124,16 +136,23 @@ def write_checkpoints(state: dict[str, Any], directory: Path, best: bool = False
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
                     ) -> dict[str, Any]:
-    """Load and check a checkpoint file; raise CheckpointError naming it if it is missing,
-    truncated, corrupt or not one of ours."""
+    """Load and check a checkpoint file (or an exported folder, or a run directory: its
+    checkpoint_last.pt); raise CheckpointError naming it if it is missing, truncated,
+    corrupt, not one of ours, or holds more than tensors and plain data."""
     path = Path(path)
     if path.is_dir():
+        from transformer.export import is_export, read_export
+
+        if is_export(path):
+            return read_export(path)
         path = path / "checkpoints" / "checkpoint_last.pt" if (path / "checkpoints").is_dir() \
             else path / "checkpoint_last.pt"
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = load_without_code(path, map_location)
+    except CheckpointError:
+        raise
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
             ValueError) as error:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({error})") from error
@@ -143,6 +162,72 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
         raise CheckpointError(f"{path} has format {state['format_version']}; this code reads "
                               f"up to {FORMAT_VERSION}: update the code")
     return state
+
+
+def legacy_globals() -> dict[str, Any]:
+    """What checkpoints of format 1 hold beyond torch's weights-only allow-list, by the name
+    their pickle gives it: numpy's RNG state, a tuple whose key array is a uint32 ndarray
+    (``np.random.get_state()``). Nothing here runs code: ``_reconstruct`` makes an empty
+    array, ``dtype`` a dtype, and the array's bytes are data."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy 2
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct  # numpy 1
+    return {"numpy._core.multiarray._reconstruct": _reconstruct,
+            "numpy.core.multiarray._reconstruct": _reconstruct,  # files written by numpy 1
+            "numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype,
+            # not named in the file: the class of the key array's dtype, which its state sets
+            "numpy.dtypes.UInt32DType": type(np.dtype(np.uint32))}
+
+
+def load_without_code(path: Path, map_location: str | torch.device) -> Any:
+    """``torch.load(path, weights_only=True)``, which builds only tensors and plain data. A
+    file it refuses is scanned (statically: nothing is imported or built) for the globals its
+    pickle names: if all are ``legacy_globals``, it is read with those allowed and a line
+    logged; otherwise it is refused with an UnsafeCheckpointError naming them."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = weights_only_reason(error)
+    try:
+        named = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except (ValueError, EOFError, pickle.UnpicklingError, RuntimeError):
+        # Not a file torch's scanner reads (torch.save's pre-1.6 format, a damaged or
+        # hand-made pickle): torch's refusal names the global it met, if any.
+        named = re.findall(r"GLOBAL ([\w.]+)", reason)
+    allowed = legacy_globals()
+    unsafe = [name for name in named if name not in allowed]
+    if unsafe:
+        raise UnsafeCheckpointError(refused_message(path, unsafe))
+    if not named:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({reason})")
+    try:
+        with torch.serialization.safe_globals([(obj, name) for name, obj in allowed.items()]):
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:  # e.g. an array of another dtype than numpy's RNG's
+        built = re.search(r"got <class '([^']+)'>", weights_only_reason(error))
+        raise UnsafeCheckpointError(refused_message(
+            path, [built.group(1) if built else weights_only_reason(error)])) from None
+    log.warning("%s is in the legacy format (numpy RNG state as numpy objects), read through "
+                "the allow-list of %s; the next save of a resumed run writes the current "
+                "format, and scripts/export.py writes weights to share", path, ", ".join(named))
+    return state
+
+
+def refused_message(path: Path, offending: list[str]) -> str:
+    return (f"{path} is refused: its pickle needs {', '.join(offending)}, which loading would "
+            "have to import and call (code from the file); a checkpoint may hold only "
+            "tensors and plain data")
+
+
+def weights_only_reason(error: pickle.UnpicklingError) -> str:
+    """The line of torch's (long) weights-only refusal that says what it met."""
+    text = str(error).split("WeightsUnpickler error:", 1)[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()
+             and not line.startswith(("Weights only load failed", "Check the documentation"))]
+    return lines[0].split(" Please ", 1)[0].rstrip(".") if lines else "weights-only load failed"
 
 
 def step_checkpoints(directory: Path) -> list[Path]:
@@ -188,19 +273,26 @@ def readable_checkpoint(path: Path) -> tuple[Path, dict[str, Any]] | None:
         return None
     try:
         return path, read_checkpoint(path)
+    except UnsafeCheckpointError:
+        raise  # not damage but a file that is not ours: stop, do not resume around it
     except CheckpointError as error:
         log.warning("%s; trying an older checkpoint", error)
         return None
 
 
 def last_checkpoints(run_dir: Path, n: int) -> list[Path]:
-    """The newest ``n`` numbered checkpoints of a run directory (or its checkpoints/)."""
+    """The newest ``n`` numbered checkpoints of a run directory (or its checkpoints/). A
+    run that saved fewer (a short run, a small ``trainer.keep_last``) gives all it has,
+    with a warning: the evaluate command a run prints last must work for any run."""
     run_dir = Path(run_dir)
     directory = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
     found = step_checkpoints(directory)
+    if not found:
+        raise CheckpointError(f"{directory} has no numbered checkpoints "
+                              "(checkpoint_<step>.pt) to average")
     if len(found) < n:
-        raise CheckpointError(f"{directory} has {len(found)} numbered checkpoints, "
-                              f"fewer than the {n} to average")
+        log.warning("%s has %d numbered checkpoints, fewer than the %d asked for: averaging "
+                    "those %d", directory, len(found), n, len(found))
     return found[-n:]
 
 
@@ -244,24 +336,35 @@ def load_checkpoint(path: str | Path | dict[str, Any], device: str | torch.devic
     from omegaconf import OmegaConf
 
     from transformer.config import TrainConfig
+    from transformer.export import is_export
     from transformer.model import build_model
 
     if isinstance(path, dict):
         state, path = path, name
     else:
         state = read_checkpoint(path)
+    exported = is_export(Path(path))  # its config and sizes are in config.json: name it
+    source = Path(path) / "config.json" if exported else path
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), state["config"])
     except Exception as error:  # omegaconf raises several types for an alien config
-        raise CheckpointError(f"{path}: its config does not match this code: {error}"
-                              ) from error
+        raise CheckpointError(f"{source}: its config does not match this code: "
+                              f"{one_line(error)}") from error
     vocab = state["vocab_size"]
-    model = build_model(OmegaConf.to_object(cfg.model), vocab["src"], vocab["tgt"])
     try:
+        model = build_model(OmegaConf.to_object(cfg.model), vocab["src"], vocab["tgt"])
         model.load_state_dict(state["model"])
-    except RuntimeError as error:
-        raise CheckpointError(f"{path} does not match the model code: {error}") from error
+    except (RuntimeError, ValueError) as error:
+        what = ("does not match the weights in model.safetensors" if exported
+                else "does not match the model code")
+        raise CheckpointError(f"{source} {what}: {one_line(error)}") from error
     return model.to(device).eval(), read_tokenizer(state["tokenizer"]), cfg
+
+
+def one_line(error: Exception, items: int = 3) -> str:
+    """An error message on one line: load_state_dict's lists one mismatch a line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines[:items + 1]) + ("; ..." if len(lines) > items + 1 else "")
 
 
 def read_tokenizer(stored: dict[str, Any]):

@@ -95,7 +95,8 @@ class SchedConfig:
 @dataclass
 class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto | bf16 | fp16 | fp32; auto = bf16 on GPU, fp32 on CPU
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32; auto: bf16 on GPU, on CPU where fast
+    threads: int | None = None  # CPU threads per process; None: chosen (trainer.choose_threads)
     max_steps: int = 100_000
     max_epochs: int | None = None
     val_every_steps: int | None = 1000  # None: validate at each epoch end
@@ -104,6 +105,9 @@ class TrainerConfig:
     seed: int = 1
     resume: str = "never"  # auto | never | <path to a checkpoint>
     init_from: str | None = None  # fine-tune a checkpoint: its weights, model and tokenizer
+    # resume although the data order changed (batching, seed, data, ranks): the current
+    # epoch restarts at its first batch (fairseq's --reset-dataloader)
+    reset_dataloader: bool = False
     compile: bool = False
     grad_accum: int = 1
     clip_norm: float | None = 1.0
@@ -199,7 +203,7 @@ POSITIVE = ("model.d_model", "model.n_heads", "model.n_encoder_layers", "model.n
             "trainer.val_every_steps", "trainer.save_every_steps", "trainer.keep_last",
             "trainer.grad_accum", "trainer.patience", "trainer.log_every_steps",
             "trainer.val_max_sentences", "trainer.val_beam", "trainer.max_skipped_steps",
-            "trainer.dist_timeout_s")
+            "trainer.dist_timeout_s", "trainer.threads")
 NON_NEGATIVE = ("optim.eps", "optim.weight_decay", "sched.warmup_steps", "sched.min_lr",
                 "trainer.clip_norm", "trainer.rdrop_alpha", "trainer.overfit_batches",
                 "logger.n_examples",

@@ -16,8 +16,9 @@ decodes strictly, and names the file and line of any byte that is not UTF-8.
 It trains the BPE tokenizer on the training split (``transformer.tokenizer``), encodes every
 split, drops empty pairs and over-long training pairs, and caches both under
 ``cfg.cache_dir/<key>/``, where the key hashes the files' paths, sizes and modification times
-(or the Hub id) and the options: a second run loads the tokenizer and ids in well under a
-second. Ids are stored flat, as in fairseq's indexed datasets, and memory-mapped.
+(or the Hub id) and the options, and each split's folder also the tokenizer that encoded
+it: a second run loads the tokenizer and ids in well under a second. Ids are stored flat,
+as in fairseq's indexed datasets, and memory-mapped.
 
 Sequences follow fairseq: source = ids + ``</s>``; target input = ``<s>`` + ids; target
 output = ids + ``</s>``. ``TokenBatchSampler`` groups pairs of similar length into batches of
@@ -426,18 +427,37 @@ def prepare_data(cfg: DataConfig, splits: Sequence[str] | None = None,
     names = list(dict.fromkeys(splits or [cfg.train_split, cfg.valid_split, *cfg.test_splits]))
     _check_cache_dir(cfg.cache_dir)
     corpus = open_corpus(cfg, names)
-    if given_tokenizers is None:
-        tokenizer_key = _hash(CACHE_VERSION, tokenizers.__version__, corpus.key(cfg.train_split),
-                              cfg.src_lang, cfg.tgt_lang, cfg.vocab_size, cfg.joint_vocab,
-                              cfg.lowercase)
-    else:
-        tokenizer_key = _hash(CACHE_VERSION, "given", *[
-            (type(t).__name__, getattr(t, "side", None), t.to_str()) for t in given_tokenizers])
+    tokenizer_key = _hash(CACHE_VERSION, tokenizers.__version__, corpus.key(cfg.train_split),
+                          cfg.src_lang, cfg.tgt_lang, cfg.vocab_size, cfg.joint_vocab,
+                          cfg.lowercase)
     cache = Path(cfg.cache_dir) / f"{cfg.source}-{cfg.src_lang}-{cfg.tgt_lang}-{tokenizer_key}"
-    tokenizer_pair = given_tokenizers or _tokenizers(cfg, corpus, cache, log)
+    if given_tokenizers is None:
+        tokenizer_pair = _tokenizers(cfg, corpus, cache, log)
+    else:
+        tokenizer_pair, given_hash = given_tokenizers, tokenizer_hash(given_tokenizers)
+        # A resumed run gives the tokenizer that its first start trained: then that start's
+        # cache is reused. Any other tokenizer gets a folder keyed by its content.
+        if _cached_tokenizers_hash(cfg, cache) != given_hash:
+            given_key = _hash(CACHE_VERSION, "given", given_hash)
+            cache = cache.with_name(f"{cfg.source}-{cfg.src_lang}-{cfg.tgt_lang}-{given_key}")
     encoded = {name: _encoded_split(cfg, corpus, name, tokenizer_pair, cache, log)
                for name in names}
     return TranslationData(*tokenizer_pair, encoded, cache)
+
+
+def tokenizer_hash(tokenizer_pair: tuple[Any, Any]) -> str:
+    """A hash of what the ``(src, tgt)`` tokenizers do: their whole serialized form."""
+    return _hash(*[(type(t).__name__, getattr(t, "side", None), t.to_str())
+                   for t in tokenizer_pair])
+
+
+def _cached_tokenizers_hash(cfg: DataConfig, cache: Path) -> str | None:
+    """``tokenizer_hash`` of the tokenizer(s) saved in ``cache``, None if there are none."""
+    names = ["tokenizer.json"] * 2 if cfg.joint_vocab else ["src_tokenizer.json",
+                                                             "tgt_tokenizer.json"]
+    if not all((cache / name).exists() for name in names):
+        return None
+    return tokenizer_hash([Tokenizer.from_file(cache / name) for name in names])
 
 
 def _check_cache_dir(cache_dir: str) -> None:
@@ -494,7 +514,10 @@ def _encoded_split(cfg: DataConfig, corpus: FileCorpus | HubCorpus, split: str,
                    tokenizer_pair: tuple[Tokenizer, Tokenizer], cache: Path,
                    log: Callable[[str], Any]) -> EncodedSplit:
     start = time.perf_counter()
-    key = _hash(corpus.key(split), split == cfg.train_split, cfg.max_len, cfg.allow_long_eval)
+    # The tokenizer is part of the key: a split is never read with another tokenizer than
+    # the one that encoded it, whatever replaced a tokenizer file beside it.
+    key = _hash(corpus.key(split), split == cfg.train_split, cfg.max_len, cfg.allow_long_eval,
+                tokenizer_hash(tokenizer_pair))
     directory = cache / f"{split}-{key}"
     if (directory / "stats.json").exists():  # written last: the split is complete
         stats = SplitStats(**{**json.loads((directory / "stats.json").read_text()),

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -58,6 +59,7 @@ from transformer.precision import Precision
 from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 NEG_INF = float("-inf")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -414,12 +416,14 @@ def translate_ids(model: Transformer | Ensemble, src_ids: list[list[int]], beam:
 def translate(model: Transformer | Ensemble, tokenizer: TextTokenizer, sentences: list[str],
               beam: int = 5, lenpen: float = 0.6, max_tokens: int = 8192,
               device: torch.device | str | None = None, precision: str = "auto",
-              **search_kwargs: Any) -> list[str]:
+              first_line: int = 1, **search_kwargs: Any) -> list[str]:
     """Translate ``sentences``, in order: tokenize (+ EOS), ``translate_ids`` (beam 1:
     greedy), detokenize. Empty sentences give "" without reaching the tokenizer or the
-    model. ``device``: where to run (the model moves there); None: the model's device.
-    ``precision``: the autocast dtype, as ``trainer.precision`` (auto: bf16 on CUDA, fp32
-    on the CPU). ``search_kwargs`` go to the search
+    model. A sentence longer than the model's ``max_len`` tokens (EOS included) is cut to
+    its first ``max_len - 1`` tokens + EOS, with a warning naming its line (``first_line``:
+    the line number of ``sentences[0]``). ``device``: where to run (the model moves there);
+    None: the model's device. ``precision``: the autocast dtype, as ``trainer.precision``
+    (auto: bf16 on CUDA, fp32 on the CPU). ``search_kwargs`` go to the search
     (max_len_a, max_len_b, min_len, bos_id, eos_id, pad_id, ...)."""
     if device is not None:
         model.to(device)
@@ -430,8 +434,21 @@ def translate(model: Transformer | Ensemble, tokenizer: TextTokenizer, sentences
         return outputs
     eos_id = search_kwargs.get("eos_id", EOS_ID)
     src_ids = [ids + [eos_id] for ids in tokenizer.encode_batch([sentences[i] for i in todo])]
-    with Precision.resolve(precision, device).autocast():
+    src_ids = [truncated(ids, model.max_len, eos_id, first_line + i)
+               for i, ids in zip(todo, src_ids, strict=True)]
+    with Precision.resolve(precision, device, training=False).autocast():
         hypotheses = translate_ids(model, src_ids, beam, lenpen, max_tokens, **search_kwargs)
     for i, text in zip(todo, tokenizer.decode_batch(hypotheses), strict=True):
         outputs[i] = text
     return outputs
+
+
+def truncated(src_ids: list[int], max_len: int, eos_id: int, line: int) -> list[int]:
+    """``src_ids`` (tokens + EOS) cut to ``max_len`` ids, EOS kept last: the encoder has
+    no position beyond ``max_len``. One long line of a file is translated in part, with a
+    warning, rather than ending the run (Hugging Face's tokenizers truncate likewise)."""
+    if len(src_ids) <= max_len:
+        return src_ids
+    log.warning("line %d: %d source tokens (EOS included), more than the model's max_len=%d: "
+                "translating its first %d tokens only", line, len(src_ids), max_len, max_len - 1)
+    return src_ids[: max_len - 1] + [eos_id]

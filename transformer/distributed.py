@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import itertools
 import logging
 import os
 import time
@@ -74,6 +75,12 @@ def init_distributed(device: torch.device, timeout_s: float) -> tuple[Distribute
     if rank != 0:  # one copy of each log line, from rank 0; warnings and errors from all
         logging.getLogger("transformer").setLevel(logging.WARNING)
     return Distributed(rank, world_size, local_rank, cpu_group), device
+
+
+def launch_rank() -> int:
+    """This process's rank as torchrun (or submitit) set it, before any process group."""
+    export_submitit_env()
+    return int(os.environ.get("RANK", "0"))
 
 
 def export_submitit_env() -> None:
@@ -202,22 +209,53 @@ def maybe_inject_fault(rank: int, step: int) -> None:
         os._exit(1)
 
 
-def run_stamp() -> str:
-    """The run directory's name under outputs/, identical in every rank of a torchrun job
-    (Hydra resolves ``${now:...}`` in each process, so ranks started a second apart would
-    each make their own directory):
+def run_stamp(root: str | None = None) -> str:
+    """The run directory's name under ``root`` (outputs/), identical in every rank of a
+    torchrun job (Hydra resolves ``${now:...}`` in each process, so ranks started a second
+    apart would each make their own directory):
 
-    - not under torchrun: ``<date>/<time>`` now, as Hydra's default;
+    - not under torchrun: ``<date>/<time>`` now, as Hydra's default; given ``root``, a
+      folder of that name is made there at once, and if another run made it first (two
+      runs launched in the same second), ``<time>-1``, ``<time>-2``, ... (``reserve_stamp``);
     - under torchrun with a run id (``--standalone`` draws one; ``--rdzv-id=$SLURM_JOB_ID``
       keeps it across a requeue): ``torchrun/<run id>``;
     - under torchrun without one (``none``): ``<date>/<time>`` of the torchrun agent's start,
-      the same for all ranks of one node (on several nodes, pass ``--rdzv-id``).
+      the same for all ranks of one node (on several nodes, pass ``--rdzv-id``). Two such
+      jobs started in the same second share it; the run directory's lock then stops the
+      second (``transformer/run_lock.py``).
     """
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
     if run_id and run_id != "none":
         return f"torchrun/{run_id}"
     started = agent_start_time() if run_id else None
-    return time.strftime("%Y-%m-%d/%H-%M-%S", time.localtime(started))
+    stamp = time.strftime("%Y-%m-%d/%H-%M-%S", time.localtime(started))
+    if root is None or run_id:  # the ranks of a job must agree: none reserves on its own
+        return stamp
+    if root not in _RESERVED:  # one run directory per process, however often resolved
+        _RESERVED[root] = reserve_stamp(Path(root), stamp)
+    return _RESERVED[root]
+
+
+_RESERVED: dict[str, str] = {}
+
+
+def reserve_stamp(root: Path, stamp: str) -> str:
+    """``stamp``, or else ``stamp-1``, ``stamp-2``, ...: the first whose folder under ``root``
+    this call creates. ``mkdir`` fails if the folder exists, atomically, so two processes
+    never get the same one. Where ``root`` cannot be written, ``stamp`` (Hydra then fails
+    to make the folder and says why)."""
+    try:
+        (root / stamp).parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return stamp
+    for name in itertools.chain([stamp], (f"{stamp}-{n}" for n in itertools.count(1))):
+        try:
+            (root / name).mkdir()
+            return name
+        except FileExistsError:
+            continue
+        except OSError:
+            return stamp
 
 
 def agent_start_time() -> float | None:
@@ -234,7 +272,7 @@ def agent_start_time() -> float | None:
 
 
 def register_run_stamp_resolver() -> None:
-    """``${run_stamp:}`` in configs/train.yaml's hydra.run.dir."""
+    """``${run_stamp:outputs}`` in configs/train.yaml's hydra.run.dir."""
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("run_stamp"):

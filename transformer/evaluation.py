@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any, TextIO
 
 import sacrebleu
 import torch
@@ -45,18 +44,19 @@ def score(hypotheses: list[str], references: list[str]) -> dict[str, float | str
     }
 
 
-def evaluate(cfg: EvalConfig | DictConfig, stdin: TextIO = sys.stdin,
+def evaluate(cfg: EvalConfig | DictConfig, stdin: IO = sys.stdin,
              stdout: TextIO = sys.stdout) -> dict[str, dict]:
     """Load the checkpoint, then translate and score as ``cfg.mode`` says."""
     device = resolve_device(cfg.device)
-    precision = Precision.resolve(cfg.precision, device).name  # a bad name fails before loading
+    precision = Precision.resolve(cfg.precision, device, training=False).name  # fails early
     model, tokenizer, train_cfg = load_models([cfg.checkpoint, *cfg.ensemble],
                                               cfg.average_last, device)
 
-    def run(sentences: list[str]) -> list[str]:
+    def run(sentences: list[str], first_line: int = 1) -> list[str]:
         return translate(model, tokenizer, sentences, beam=cfg.beam, lenpen=cfg.lenpen,
                          max_tokens=cfg.batch_tokens, max_len_a=cfg.max_len_a,
-                         max_len_b=cfg.max_len_b, min_len=cfg.min_len, precision=precision)
+                         max_len_b=cfg.max_len_b, min_len=cfg.min_len, precision=precision,
+                         first_line=first_line)
 
     if cfg.mode == "interactive":
         interactive(run, stdin, stdout)
@@ -71,7 +71,9 @@ def evaluate(cfg: EvalConfig | DictConfig, stdin: TextIO = sys.stdin,
         raise DataError(f"mode={cfg.mode!r} is not one of ['splits', 'files', 'interactive']")
     output_dir = (Path(cfg.output_dir) if cfg.output_dir else
                   default_output_dir(cfg.checkpoint, ensemble=bool(cfg.ensemble)))
-    scores = {name: translate_and_score(name, sources, references, run, output_dir)
+    settings = settings_name(cfg, precision)
+    scores = {name: translate_and_score(name, sources, references, run,
+                                        output_dir / f"{name}.{settings}.hyp")
               for name, (sources, references) in named.items()}
     if cfg.scores_file:
         Path(cfg.scores_file).write_text(json.dumps(scores, indent=2) + "\n")
@@ -124,18 +126,55 @@ def default_output_dir(checkpoint: str, ensemble: bool = False) -> Path:
     return run_dir / ("translations_ensemble" if ensemble else "translations")
 
 
-def interactive(run, stdin: Iterable[str], stdout: TextIO) -> None:
-    """One translation per input line, flushed at once: usable in a pipe."""
-    for line in stdin:
-        stdout.write(run([line.rstrip("\n")])[0] + "\n")
+def settings_name(cfg: EvalConfig | DictConfig, precision: str) -> str:
+    """What sets the translations apart, for their file name, so that evaluations with
+    other settings write files of their own: ``beam5.lenpen0.6.checkpoint_best``, or
+    ``beam5.lenpen1.4.avg10`` (the run's newest 10, averaged), then ``.ens3`` for an
+    ensemble of 3; the length limits and precision only where not the defaults
+    (``maxlen1.5x+5``, ``minlen0``, ``bf16``)."""
+    defaults = EvalConfig()
+    parts = [f"beam{cfg.beam}", f"lenpen{cfg.lenpen:g}"]
+    if (cfg.max_len_a, cfg.max_len_b) != (defaults.max_len_a, defaults.max_len_b):
+        parts.append(f"maxlen{cfg.max_len_a:g}x+{cfg.max_len_b}")
+    if cfg.min_len != defaults.min_len:
+        parts.append(f"minlen{cfg.min_len}")
+    if precision != "fp32":  # bf16 and fp16 may change a close choice of the search
+        parts.append(precision)
+    parts.append(f"avg{cfg.average_last}" if cfg.average_last > 1
+                 else Path(cfg.checkpoint).name.removesuffix(".pt"))
+    if cfg.ensemble:
+        parts.append(f"ens{1 + len(cfg.ensemble)}")
+    return ".".join(parts)
+
+
+def interactive(run, stdin: IO, stdout: TextIO) -> None:
+    """One translation per input line, flushed at once: usable in a pipe. Lines are read
+    as bytes (``stdin.buffer`` where it has one) and decoded as UTF-8 one at a time: a
+    line that is not UTF-8 gets an empty translation and a warning naming it, and the
+    lines after it are translated."""
+    for number, raw in enumerate(getattr(stdin, "buffer", stdin), start=1):
+        line = decoded_line(raw, number)
+        stdout.write(run([line], first_line=number)[0] + "\n")
         stdout.flush()
 
 
+def decoded_line(raw: bytes | str, number: int) -> str:
+    """The text of one input line, without its line ending; "" (with a warning) for
+    bytes that are not UTF-8."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            log.warning("line %d: bytes that are not UTF-8 (%r): its translation is empty",
+                        number, raw[error.start:error.start + 4])
+            return ""
+    return raw.removesuffix("\n").removesuffix("\r")
+
+
 def translate_and_score(name: str, sources: list[str], references: list[str] | None, run,
-                        output_dir: Path) -> dict:
+                        out_path: Path) -> dict:
     hypotheses = run(sources)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    out_path = output_dir / f"{name}.hyp"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
     if references is None:
         print(f"{name}: {len(hypotheses)} translations -> {out_path}")
@@ -167,6 +206,10 @@ def read_splits(data: DataConfig, splits: list[str]) -> dict[str, tuple[list[str
 
 
 def read_file_pair(src_file: str, ref_file: str | None) -> tuple[list[str], list[str] | None]:
-    if ref_file is None:
-        return read_lines(src_file), None
-    return read_parallel_lines(src_file, ref_file)
+    """The lines of ``src_file`` (and ``ref_file``, as many); an empty file is refused
+    (sacreBLEU cannot score zero sentences)."""
+    sources, references = (read_lines(src_file), None) if ref_file is None else \
+        read_parallel_lines(src_file, ref_file)
+    if not sources:
+        raise DataError(f"{src_file} is empty: no line to translate")
+    return sources, references

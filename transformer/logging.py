@@ -21,9 +21,9 @@ class NullLogger:
     def text(self, tag: str, text: str, step: int) -> None: ...
 
     def attention_map(self, tag: str, weights: Tensor, x_labels: list[str],
-                      y_labels: list[str], step: int) -> None: ...
+                      y_labels: list[str], step: int, title: str | None = None) -> None: ...
 
-    def hparams(self, hparams: dict[str, Any], metric_tags: list[str]) -> None: ...
+    def hparams(self, hparams: dict[str, Any], trial_id: str) -> None: ...
 
     def close(self) -> None: ...
 
@@ -47,8 +47,9 @@ class TensorBoardLogger(NullLogger):
         self.writer.add_text(tag, text, step)
 
     def attention_map(self, tag: str, weights: Tensor, x_labels: list[str],
-                      y_labels: list[str], step: int) -> None:
-        """weights (Tq, Tk) of one head, keys on the x axis and queries on the y axis."""
+                      y_labels: list[str], step: int, title: str | None = None) -> None:
+        """weights (Tq, Tk) of one head, keys on the x axis and queries on the y axis;
+        ``title`` (default: the tag) says which layer and head they are."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -59,19 +60,23 @@ class TensorBoardLogger(NullLogger):
         axes.imshow(weights.float().cpu().numpy(), cmap="viridis", vmin=0.0)
         axes.set_xticks(range(len(x_labels)), x_labels, rotation=90, fontsize=8)
         axes.set_yticks(range(len(y_labels)), y_labels, fontsize=8)
-        axes.set_title(tag, fontsize=9)
+        axes.set_title(title or tag, fontsize=9)
         figure.tight_layout()
         self.writer.add_figure(tag, figure, step)  # closes the figure
 
-    def hparams(self, hparams: dict[str, Any], metric_tags: list[str]) -> None:
+    def hparams(self, hparams: dict[str, Any], trial_id: str) -> None:
         """Register the run with the HParams plugin in this same directory, so the runs of
-        a sweep compare in one table; the metrics are the scalars logged under these tags."""
-        from torch.utils.tensorboard.summary import hparams as hparams_summary
+        a sweep compare in one table, in the row named ``trial_id``. Only the run's session
+        start is written, no experiment summary: TensorBoard then builds the table from all
+        runs and puts the keys whose values differ between them first (with a summary per
+        run, as ``SummaryWriter.add_hparams`` writes, it takes one run's and sorts all keys
+        by name). The metric columns are the run's scalars."""
+        from tensorboard.plugins.hparams.summary_v2 import hparams_pb
 
         values = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
                   for k, v in hparams.items()}
-        for summary in hparams_summary(values, dict.fromkeys(metric_tags, 0.0)):
-            self.writer.file_writer.add_summary(summary)
+        self.writer.file_writer.add_summary(hparams_pb(values, trial_id=trial_id))
+        self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()

@@ -125,13 +125,43 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def read_weights(directory: Path) -> dict[str, Tensor]:
-    if (directory / "model.safetensors").is_file():
-        from safetensors.torch import load_file
+    """The tensors of ``model.safetensors`` (or ``pytorch_model.bin``); a file that is
+    truncated or corrupt raises MarianConversionError naming it."""
+    path = directory / "model.safetensors"
+    if path.is_file():
+        from safetensors.torch import load_file as load
+    else:
+        path = directory / "pytorch_model.bin"
+        if not path.is_file():
+            raise MarianConversionError(f"{directory} holds no model.safetensors or "
+                                        "pytorch_model.bin")
 
-        return load_file(directory / "model.safetensors")
-    if (directory / "pytorch_model.bin").is_file():
-        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise MarianConversionError(f"{directory} holds no model.safetensors or pytorch_model.bin")
+        def load(path: Path) -> dict[str, Tensor]:
+            return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return load(path)
+    except Exception as error:  # safetensors, zip, pickle and OS errors: each its own type
+        raise MarianConversionError(f"{path} is truncated or corrupt: {one_line(error)}"
+                                    ) from error
+
+
+def one_line(error: Exception) -> str:
+    """An exception's message on one line (PyTorch's span several)."""
+    return " ".join(str(error).split())
+
+
+def check_vocab_sizes(weights: dict[str, Tensor], config: dict[str, Any]) -> None:
+    """Refuse a config.json whose ``vocab_size`` (or ``decoder_vocab_size``) is not the
+    number of rows of the embeddings: the vocabulary permutation would index past them, or
+    silently drop their last rows."""
+    decoder_key = "decoder_vocab_size" if config.get("decoder_vocab_size") else "vocab_size"
+    for key, side in [("vocab_size", "encoder"), (decoder_key, "decoder")]:
+        names = [f"model.{side}.embed_tokens.weight", "model.shared.weight"]
+        name = next((name for name in names if name in weights), None)
+        if name is not None and weights[name].size(0) != config[key]:
+            raise MarianConversionError(
+                f"config.json has {key}={config[key]}, but the weights' {name} has "
+                f"{weights[name].size(0)} rows: the config does not belong to these weights")
 
 
 def marian_weight(name: str) -> str:
@@ -188,9 +218,15 @@ def convert_marian(directory: str | Path) -> dict[str, Any]:
     tgt_size = src_size if cfg.share_embeddings == "all" else \
         config.get("decoder_vocab_size") or src_size
     model = build_model(cfg, src_size + 1, tgt_size + 1)
-    state_dict = convert_weights(read_weights(directory), config, marian_ids["src"],
-                                 marian_ids["tgt"], model.state_dict().keys())
-    model.load_state_dict(state_dict)  # checks every name and shape
+    weights = read_weights(directory)
+    check_vocab_sizes(weights, config)
+    state_dict = convert_weights(weights, config, marian_ids["src"], marian_ids["tgt"],
+                                 model.state_dict().keys())
+    try:
+        model.load_state_dict(state_dict)  # checks every name and shape
+    except RuntimeError as error:
+        raise MarianConversionError(f"{directory}: the weights do not fit config.json: "
+                                    f"{one_line(error)}") from error
     train_cfg = TrainConfig(model=cfg, trainer=TrainerConfig(max_steps=0),
                             data=DataConfig(max_len=min(256, cfg.max_len - 2)))
     return {"model": model.state_dict(), "step": 0,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
 import math
+import os
 import random
 import signal
 import sys
@@ -56,6 +58,7 @@ from transformer.distributed import (
     gather,
     gradient_sync,
     init_distributed,
+    launch_rank,
     main_first,
     maybe_inject_fault,
     shutdown,
@@ -72,6 +75,13 @@ from transformer.loss import (
 from transformer.model import Transformer, build_model, count_parameters, keep_attention_weights
 from transformer.optim import build_optimizer, build_scheduler
 from transformer.precision import Precision, resolve_device
+from transformer.resume import (
+    adopt_tokenizer_settings,
+    data_fingerprint,
+    data_order_changes,
+    reseeded,
+)
+from transformer.run_lock import run_dir_lock
 from transformer.tokenizer import EOS_ID
 
 
@@ -240,6 +250,7 @@ class Run:
     unsettled: StepOutput | None = None  # the step taken last, until count_step reads it
     ddp: Distributed = field(default_factory=Distributed)  # this process's rank, world size
     train_module: nn.Module | None = None  # (loss, nll) = train_module(batch); DDP-wrapped
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # of the data order (resume.py)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -249,15 +260,19 @@ class Run:
 def train(cfg: DictConfig, run_dir: Path) -> float:
     """Train as configured; return the best validation metric (what sweepers optimise)."""
     validate_config(cfg)
-    run = setup(cfg, Path(run_dir))
-    try:
-        fit(run)
-        # No rank tears the process group down while another still talks through it: gloo
-        # then aborts a rank now and then ("terminate called without an active exception").
-        barrier(run.ddp)
-    finally:
-        run.logger.close()
-        shutdown()
+    # One trainer per run directory, locked by rank 0 for the job before any slow work.
+    lock = run_dir_lock(Path(run_dir)) if launch_rank() == 0 else contextlib.nullcontext()
+    with lock:
+        run = setup(cfg, Path(run_dir))
+        try:
+            fit(run)
+            # No rank tears the process group down while another still talks through it:
+            # gloo then aborts a rank now and then ("terminate called without an active
+            # exception").
+            barrier(run.ddp)
+        finally:
+            run.logger.close()
+            shutdown()
     return run.state.best if run.state.best is not None else float("nan")
 
 
@@ -270,18 +285,26 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     if device.type == "cpu":
         retain_freed_memory()
     precision = Precision.resolve(cfg.trainer.precision, device)
+    log.info("precision: %s (%s)", precision.name, precision.reason)
+    threads, why = choose_threads(cfg.trainer.threads, cfg.model.d_model)
+    torch.set_num_threads(threads)
+    log.info("CPU threads: %d (%s)", threads, why)
     init_state, resume_state = find_start(cfg.trainer, run_dir)  # before any slow work
-    if resume_state is not None:
-        check_world_size(resume_state.get("world_size", 1), ddp.world_size)
     given_tokenizers = None
     if init_state is not None:  # fine-tuning: the checkpoint's architecture and tokenizer
         adopt_architecture(cfg, init_state["config"]["model"])
         given_tokenizers = read_tokenizers(init_state["tokenizer"])
+    if resume_state is not None:  # the run's own tokenizer, whatever the cache holds now
+        adopt_tokenizer_settings(cfg.data, resume_state["config"]["data"])
+        given_tokenizers = read_tokenizers(resume_state["tokenizer"])
     seed_everything(cfg.trainer.seed)
     data_cfg: DataConfig = OmegaConf.to_object(cfg.data)
     with main_first(ddp):  # rank 0 tokenises and caches; the others then read the cache
         data = prepare_data(data_cfg, splits=[data_cfg.train_split, data_cfg.valid_split],
                             log=log.info, given_tokenizers=given_tokenizers)
+    fingerprint = data_fingerprint(data_cfg, cfg.trainer, data, ddp.world_size)
+    changes = [] if resume_state is None else data_order_changes(
+        resume_state, fingerprint, cfg.trainer.reset_dataloader)
     model = build_model(OmegaConf.to_object(cfg.model), data.src_tokenizer.vocab_size,
                         data.tgt_tokenizer.vocab_size).to(device)
     log.info("model: %s parameters", f"{count_parameters(model):,}")
@@ -295,9 +318,9 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     loss_fn = choose_loss_fn(device, cfg.trainer.compile, cfg.trainer.rdrop_alpha)
     loss_fn = torch.compile(loss_fn) if cfg.trainer.compile else loss_fn
     run = Run(cfg, run_dir, device, precision, data, model, loss_fn, optimizer, scheduler,
-              precision.grad_scaler(), NullLogger(), ddp=ddp)
+              precision.grad_scaler(), NullLogger(), ddp=ddp, fingerprint=fingerprint)
     if resume_state is not None:
-        restore(run, resume_state)
+        restore(run, resume_state, changes)
         run.saved_step = run.state.step
     run.train_module = wrap_for_training(model, loss_fn, cfg.trainer.label_smoothing, ddp)
     if device.type == "cuda":
@@ -306,7 +329,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
         # A resumed run purges events past its checkpoint and continues the same curves.
         purge = run.state.step + 1 if resume_state is not None else None
         run.logger = TensorBoardLogger(run_dir / "tb", purge_step=purge)
-        run.logger.hparams(flat_hparams(cfg), ["val/bleu", "val/loss", "val/ppl"])
+        run.logger.hparams(flat_hparams(cfg), trial_name(run_dir))
     return run
 
 
@@ -371,7 +394,8 @@ def run_steps(run: Run, sampler: TokenBatchSampler, split: EncodedSplit, progres
         # the epoch ran out
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         if cfg.val_every_steps is None:
-            validate_and_save(run)
+            with run.meter.paused():
+                validate_and_save(run)
     return False
 
 
@@ -476,10 +500,11 @@ def after_step(run: Run, progress: Progress) -> None:
         metrics = run.meter.summary(run)
         run.logger.scalars(metrics, state.step)
         progress.show(state.step, metrics)
-    if cfg.val_every_steps and state.step % cfg.val_every_steps == 0:
-        validate_and_save(run)
-    elif state.step % cfg.save_every_steps == 0:
-        save(run)
+    with run.meter.paused():  # train/tokens_per_s counts training time only
+        if cfg.val_every_steps and state.step % cfg.val_every_steps == 0:
+            validate_and_save(run)
+        elif state.step % cfg.save_every_steps == 0:
+            save(run)
 
 
 def count_step(run: Run) -> bool:
@@ -532,6 +557,15 @@ class Meter:
     def load_state_dict(self, sums: dict[str, float]) -> None:
         for name in self.SUMS:
             setattr(self, name, sums[name])
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside (validation, saving) does not count towards tokens/s."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - start
 
     def add(self, output: StepOutput) -> None:
         self.loss = self.loss + output.loss_sum
@@ -684,9 +718,13 @@ def log_attention_maps(run: Run, split: EncodedSplit) -> None:
                              tgt_labels),
             "cross": (modules[f"decoder.layers.{last_dec}.cross_attn"], src_labels, tgt_labels),
         }
+        layers = {"encoder_self": (last_enc, len(run.model.encoder.layers))}
+        layers["decoder_self"] = layers["cross"] = (last_dec, len(run.model.decoder.layers))
         for name, (module, keys, queries) in maps.items():
+            layer, n_layers = layers[name]
+            title = f"{name.replace('_', ' ')} attention, layer {layer + 1} of {n_layers}, head 1"
             run.logger.attention_map(f"attention/{name}", module.last_weights[0, 0], keys,
-                                     queries, run.state.step)
+                                     queries, run.state.step, title=title)
 
 
 # ----------------------------------------------------------------------------------------
@@ -724,6 +762,7 @@ def checkpoint_state(run: Run, rngs: list[dict[str, Any]] | None = None) -> dict
         "rng": rngs[0],
         "rng_per_rank": rngs,
         "world_size": run.ddp.world_size,
+        "data_fingerprint": run.fingerprint,  # compared on resume (resume.py)
         "config": OmegaConf.to_container(run.cfg, resolve=True),
         "tokenizer": tokenizer_entry(data.src_tokenizer, data.tgt_tokenizer),
         "vocab_size": {"src": data.src_tokenizer.vocab_size, "tgt": data.tgt_tokenizer.vocab_size},
@@ -797,7 +836,10 @@ def find_resume(resume: str, run_dir: Path) -> dict[str, Any] | None:
     return read_checkpoint(resume)
 
 
-def restore(run: Run, checkpoint: dict[str, Any]) -> None:
+def restore(run: Run, checkpoint: dict[str, Any], changes: Sequence[str] = ()) -> None:
+    """The checkpoint's whole training state into ``run``. ``changes``: what of the data
+    order ``trainer.reset_dataloader`` accepted (``data_order_changes``); then the current
+    epoch restarts at its first batch."""
     load_weights(run.model, checkpoint)
     try:
         run.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -812,30 +854,41 @@ def restore(run: Run, checkpoint: dict[str, Any]) -> None:
     run.state = TrainState(**checkpoint["train_state"])
     if "meter" in checkpoint:  # older checkpoints: a fresh meter
         run.meter.load_state_dict(checkpoint["meter"])
-    set_rng_state(checkpoint.get("rng_per_rank", [checkpoint["rng"]])[run.ddp.rank])
+    rngs = checkpoint.get("rng_per_rank", [checkpoint["rng"]])
+    if len(rngs) == run.ddp.world_size:
+        set_rng_state(rngs[run.ddp.rank])
+    else:  # another world size, accepted: the saved streams do not map onto these ranks
+        seed_everything(reseeded(run.cfg.trainer.seed, run.state.step, run.ddp.rank))
+    if changes:
+        log.warning("trainer.reset_dataloader=true: %s; epoch %d restarts at its first batch "
+                    "(the checkpoint was at batch %d of it)", "; ".join(changes),
+                    run.state.epoch, run.state.batch_in_epoch)
+        run.state.batch_in_epoch = 0
     log.info("resumed at step %d (epoch %d, batch %d)", run.state.step, run.state.epoch,
              run.state.batch_in_epoch)
 
 
-def check_world_size(saved: int, current: int) -> None:
-    """An exact resume needs the same number of ranks: each rank's share of the batches,
-    its place in the epoch and its RNG stream all depend on it."""
-    if saved != current:
-        raise CheckpointError(
-            f"the checkpoint was trained by {saved} process(es) but this run has {current}: "
-            f"resume with the same torchrun --nnodes x --nproc_per_node (world size {saved}), "
-            "or start a new run (trainer.resume=never)")
-
-
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
+    """This process's RNG states, as tensors and plain data (weights-only loading reads
+    them): numpy's tuple becomes a dict, its uint32 key array an int64 tensor."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = {"bit_generator": name, "keys": torch.from_numpy(keys.astype(np.int64)),
+                   "pos": int(pos), "has_gauss": int(has_gauss),
+                   "cached_gaussian": float(cached_gaussian)}
+    return {"python": random.getstate(), "numpy": numpy_state,
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore ``rng_state()``'s states; numpy's also from the tuple of format-1 checkpoints."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["bit_generator"],
+                       numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -858,6 +911,28 @@ def retain_freed_memory() -> bool:
                 and libc.mallopt(m_trim_threshold, 1 << 30))
 
 
+# Below this width a step's matrix products are too small to split across threads: the
+# threads' hand-offs cost more than they save, and a busy neighbour on the same cores makes
+# every hand-off wait (docs/benchmarks.md, "Threads").
+MIN_D_MODEL_FOR_THREADS = 128
+
+
+def choose_threads(requested: int | None, d_model: int) -> tuple[int, str]:
+    """``(threads, why)``: intra-op CPU threads for this process. ``trainer.threads`` if
+    set, else ``OMP_NUM_THREADS`` if set, else one for a small model and otherwise the
+    cores this process may use, shared among the processes torchrun starts on this node."""
+    if requested is not None:
+        return requested, "trainer.threads"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads(), "OMP_NUM_THREADS"
+    if d_model < MIN_D_MODEL_FOR_THREADS:
+        return 1, f"model.d_model={d_model} < {MIN_D_MODEL_FOR_THREADS}: too small to split"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    threads = max(1, (cores or 1) // local_ranks)
+    return threads, f"{cores} usable cores, {local_ranks} process(es) on this node"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -870,8 +945,17 @@ def seed_everything(seed: int) -> None:
 
 
 def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
-    """model.d_model=..., optim.lr=...: the keys a sweep varies, for the HParams table."""
+    """model.d_model=..., optim.lr=...: the keys a sweep varies, for the HParams table;
+    the command line's overrides first."""
     flat = {}
+    for override in command_line_overrides():
+        key, _, _ = override.lstrip("+~").partition("=")
+        try:
+            value = OmegaConf.select(cfg, key)
+        except Exception:  # an override of something that is not a config value
+            continue
+        if value is None or isinstance(value, (int, float, str, bool)):
+            flat[key] = "None" if value is None else value
     for group in ("model", "optim", "sched", "data"):
         for key, value in OmegaConf.to_container(cfg[group], resolve=True).items():
             if value is None or isinstance(value, (int, float, str, bool)):
@@ -879,6 +963,28 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     for key in ("max_steps", "grad_accum", "clip_norm", "label_smoothing", "seed"):
         flat[f"trainer.{key}"] = cfg.trainer[key] if cfg.trainer[key] is not None else "None"
     return flat
+
+
+def command_line_overrides() -> list[str]:
+    """This job's overrides of the config (``model.n_layers=2``, a sweep's values
+    included), without Hydra's own; empty outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("hydra.")]
+
+
+# Overrides that say where things are, not what the run is: left out of its HParams name.
+PLACE_KEYS = ("data.root", "data.cache_dir", "trainer.resume", "trainer.reset_dataloader",
+              "trainer.threads", "logger.")
+
+
+def trial_name(run_dir: Path) -> str:
+    """The HParams row of this run: what it changed (``model.n_layers=2,optim.lr=5e-4``),
+    else its run directory."""
+    changes = [o for o in command_line_overrides() if not o.lstrip("+~").startswith(PLACE_KEYS)]
+    return ",".join(changes) or str(run_dir)
 
 
 def peak_flops(device: torch.device) -> float | None:
