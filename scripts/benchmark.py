@@ -265,8 +265,9 @@ def build_system(name: str, p: Preset, batch: Batch, device: torch.device, compi
             def step() -> None:
                 if variant.compile_mode == "reduce-overhead":
                     torch.compiler.cudagraph_mark_step_begin()
-                output = trainer.train_step(model, [batch], optimizer, scheduler, scaler,
-                                            precision, p.clip_norm, p.label_smoothing, loss_fn)
+                output = trainer.train_step(model, [batch], optimizer, scaler, precision,
+                                            p.clip_norm, p.label_smoothing, loss_fn)
+                scheduler.step()  # the trainer's after an applied update (count_step)
                 if variant.sync:
                     output.finite.item()
             return step

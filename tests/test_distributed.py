@@ -13,11 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from tests.test_train import compose_config, scalar_values
+from transformer import Transformer
 from transformer.checkpoint import CheckpointError, read_checkpoint
-from transformer.distributed import run_stamp
-from transformer.trainer import train
+from transformer.distributed import Distributed, run_stamp, wrap_for_training
+from transformer.trainer import batch_loss, train
 
 REPO = Path(__file__).resolve().parents[1]
 # Dropout 0: ranks draw other dropout masks than one process would; all else is the same.
@@ -99,6 +102,25 @@ def test_a_dead_rank_ends_the_job_and_keeps_the_last_checkpoint(multi30k_dir, da
     assert "rank 1 exits at step 3" in result.stdout + result.stderr
     checkpoint = read_checkpoint(tmp_path / "run" / "checkpoints" / "checkpoint_last.pt")
     assert checkpoint["step"] == 2
+
+
+def test_ddp_does_not_broadcast_the_constant_buffers(tmp_path):
+    """DDP sends rank 0's buffers to all ranks before each forward unless told not to; the
+    model's only buffers are the sinusoid tables, constant and built alike on every rank."""
+    model = Transformer(31, 31, d_model=16, n_heads=2, n_encoder_layers=1, n_decoder_layers=1,
+                        d_ff=32)
+    assert {name for name, _ in model.named_buffers()} == {
+        "encoder.embedding.positions.table", "decoder.embedding.positions.table"}
+    # A one-process gloo group stands in for torchrun's; the Distributed says two ranks so
+    # that wrap_for_training builds the DDP module.
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                            world_size=1)
+    try:
+        module = wrap_for_training(model, batch_loss, 0.1, Distributed(rank=0, world_size=2))
+        assert isinstance(module, DistributedDataParallel)
+        assert module.broadcast_buffers is False
+    finally:
+        dist.destroy_process_group()
 
 
 def test_run_stamp_is_shared_by_the_ranks_of_a_torchrun_job(monkeypatch):

@@ -11,6 +11,7 @@ import errno
 import gzip
 import io
 import itertools
+import logging
 import math
 import multiprocessing
 import os
@@ -381,6 +382,16 @@ def test_a_corrupt_last_checkpoint_falls_back_to_the_previous_one(straight, corp
     assert_same_run(run_dir, straight)
 
 
+def test_resuming_with_other_parameter_groups_names_the_keys(corpus, cache, tmp_path):
+    """A run trained without weight decay has one parameter group; resumed with decay (two
+    groups: optim.no_decay's parameters apart) it stops with one line naming the keys."""
+    train(compose_config(run_overrides(corpus, cache, 2)), tmp_path)
+    with pytest.raises(CheckpointError, match="resume with the optim.weight_decay and "
+                                              "optim.no_decay it was trained with"):
+        train(compose_config(run_overrides(corpus, cache, 4, "optim.weight_decay=0.1",
+                                           "trainer.resume=auto")), tmp_path)
+
+
 def test_resume_auto_takes_the_newest_checkpoint_that_loads(tmp_path):
     directory = tmp_path / "checkpoints"
     for step in (4, 8):
@@ -465,20 +476,27 @@ def test_an_absurd_lr_stops_train_py_after_max_skipped_steps(corpus, cache, tmp_
                      r"lower optim.lr", log), log[-3000:]
     assert "Traceback" not in log
     skipped = scalar_values(run_dir, "train/skipped_steps")
-    first = skipped[0][0]
-    assert skipped == [(first, 1.0), (first + 1, 2.0), (first + 2, 3.0)]
+    first = skipped[0][0]  # three tries of the same update
+    assert skipped == [(first, 1.0), (first, 2.0), (first, 3.0)]
 
 
 def inject_nan(steps: set[int], monkeypatch) -> None:
-    """The loss of optimizer ``steps`` (one micro-batch each) becomes NaN, as a bad batch or
-    an fp16 overflow makes it; the step number is the run's, resumed or not."""
-    current = {}
-    monkeypatch.setattr(trainer_module, "maybe_inject_fault",
-                        lambda rank, step: current.update(step=step))
+    """The loss of the first try at each update of ``steps`` (one micro-batch each) becomes
+    NaN, as a bad batch or an fp16 overflow makes it: that step is skipped, and the next
+    batch tries the same update again. Update numbers are the run's, resumed or not."""
+    current, tried = {"step": 0}, set()
+
+    def note_step(rank: int, step: int) -> None:
+        if step < current["step"]:  # another run in this test: its own first tries
+            tried.clear()
+        current.update(step=step, nan=step in steps and step not in tried)
+        tried.add(step)
+
+    monkeypatch.setattr(trainer_module, "maybe_inject_fault", note_step)
 
     def nan_loss(model, batch, label_smoothing, pad_id=0):
         loss_sum, nll_sum = batch_loss(model, batch, label_smoothing, pad_id)
-        return (loss_sum * math.nan if current["step"] in steps else loss_sum), nll_sum
+        return (loss_sum * math.nan if current["nan"] else loss_sum), nll_sum
 
     monkeypatch.setattr(trainer_module, "batch_loss", nan_loss)
 
@@ -486,18 +504,46 @@ def inject_nan(steps: set[int], monkeypatch) -> None:
 def test_nan_steps_are_skipped_counted_and_training_goes_on(corpus, cache, tmp_path,
                                                            monkeypatch):
     inject_nan({5, 6}, monkeypatch)
-    train(compose_config(run_overrides(corpus, cache, 8, "trainer.save_every_steps=2",
-                                       "trainer.keep_last=10")), tmp_path)
-    before, after, last = (read_checkpoint(tmp_path / "checkpoints" / f"checkpoint_{step}.pt")
-                           for step in (4, 6, 8))
-    for name, tensor in before["model"].items():  # steps 5 and 6 changed nothing
-        assert torch.equal(after["model"][name], tensor), name
-    for index, state in before["optimizer"]["state"].items():
-        for key, value in state.items():
-            assert torch.equal(after["optimizer"]["state"][index][key], value), (index, key)
+    train(compose_config(run_overrides(corpus, cache, 8)), tmp_path)
+    last = read_checkpoint(tmp_path / "checkpoints" / "checkpoint_last.pt")
+    assert last["step"] == 8
+    assert last["train_state"]["batch_in_epoch"] == 4  # 10 batches tried, 6 an epoch
     assert last["train_state"]["skipped_steps"] == 2
     assert last["train_state"]["skipped_in_a_row"] == 0
     assert scalar_values(tmp_path, "train/skipped_steps") == [(5, 1.0), (6, 2.0)]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp32-not-fused", "fp16"])
+def test_a_skipped_step_advances_neither_the_schedule_nor_the_update_count(
+        precision, corpus, cache, tmp_path, monkeypatch):
+    """A run whose 5th step is skipped (NaN loss) takes one more step and ends as a run that
+    never met it: the same update count, LR schedule and Adam step counts. With the same
+    batch at every step and no dropout, in fp32 it ends bitwise equal to it, weights,
+    optimizer state and logged curves (fp16: the GradScaler backed off in one of them)."""
+    extra = {"fp32": [], "fp32-not-fused": ["optim.fused=false"],
+             "fp16": ["trainer.precision=fp16"]}[precision]
+    overrides = run_overrides(corpus, cache, 8, "trainer.overfit_batches=1", "model.dropout=0",
+                              *extra)
+    train(compose_config(overrides), tmp_path / "clean")
+    inject_nan({5}, monkeypatch)
+    train(compose_config(overrides), tmp_path / "skipped")
+    clean, skipped = (read_checkpoint(tmp_path / run / "checkpoints" / "checkpoint_last.pt")
+                      for run in ("clean", "skipped"))
+    assert skipped["step"] == clean["step"] == 8
+    assert skipped["train_state"]["epoch"] == clean["train_state"]["epoch"] + 1  # one batch more
+    assert skipped["train_state"]["skipped_steps"] == 1
+    assert skipped["scheduler"] == clean["scheduler"]
+    assert skipped["optimizer"]["param_groups"] == clean["optimizer"]["param_groups"]
+    assert {int(state["step"]) for state in skipped["optimizer"]["state"].values()} == {8}
+    assert scalar_values(tmp_path / "skipped", "train/skipped_steps") == [(5, 1.0)]
+    if precision == "fp16":
+        assert skipped["scaler"]["scale"] == clean["scaler"]["scale"] / 2
+        curves = ("train/lr",)
+    else:
+        assert_same_run(tmp_path / "skipped", tmp_path / "clean")
+        curves = CURVES
+    for tag in curves:
+        assert scalar_values(tmp_path / "skipped", tag) == scalar_values(tmp_path / "clean", tag)
 
 
 def test_fp16_grad_scaler_state_survives_resume(corpus, cache, tmp_path, monkeypatch):
@@ -507,7 +553,8 @@ def test_fp16_grad_scaler_state_survives_resume(corpus, cache, tmp_path, monkeyp
     train(compose_config(run_overrides(corpus, cache, 12, *fp16)), tmp_path / "straight")
     train(compose_config(run_overrides(corpus, cache, 8, *fp16)), tmp_path / "resumed")
     saved = read_checkpoint(tmp_path / "resumed" / "checkpoints" / "checkpoint_last.pt")
-    assert saved["scaler"]["scale"] == 2.0**15 and saved["scaler"]["_growth_tracker"] == 5
+    # Backed off at the skipped step, then 6 applied steps (updates 3 to 8) since.
+    assert saved["scaler"]["scale"] == 2.0**15 and saved["scaler"]["_growth_tracker"] == 6
     seen, fit = {}, trainer_module.fit
 
     def fit_noting_the_scaler(run) -> None:
@@ -689,6 +736,44 @@ def test_train_py_exits_2_with_one_line_and_leaves_nothing_to_resume(override, m
     assert f"error: {message}" in log.splitlines()
     assert "Traceback" not in log
     assert not (run_dir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("valid,message", [
+    (([" ", "", "a"], ["x", "y", ""]),
+     r"split 'valid' \(data.valid_split\) has no pairs left to validate on: 3 read, dropped 3 "
+     r"\(3 empty\)$"),
+    ((["word " * 40] * 2, ["x", "y"]),  # data.allow_long_eval=false (the default)
+     r"line 1 of .*/valid\.en and .*: .* more than data\.max_len=32; set "
+     r"data\.allow_long_eval=true to keep such valid pairs truncated$"),
+], ids=["all-empty", "all-too-long"])
+def test_a_valid_split_without_usable_pairs_stops_the_run_before_its_first_step(
+        valid, message, write_corpus, toy_pairs, cache, tmp_path, monkeypatch):
+    """Not a ZeroDivisionError at the first validation, after the training steps."""
+    corpus = write_corpus({"train": toy_pairs(300, seed=1), "valid": valid,
+                           "test": toy_pairs(4)})
+
+    def no_step(*args, **kwargs):
+        raise AssertionError("a training step ran")
+
+    monkeypatch.setattr(trainer_module, "train_step", no_step)
+    with pytest.raises(DataError, match=message):
+        train(compose_config(run_overrides(corpus, cache, 4, "data.max_len=32")), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_train_logs_how_many_pairs_each_split_dropped_and_why(write_corpus, toy_pairs, cache,
+                                                              tmp_path, caplog):
+    (src, tgt), (valid_src, valid_tgt) = toy_pairs(300, seed=1), toy_pairs(40, seed=2)
+    corpus = write_corpus({"train": ([*src, "", "word " * 40], [*tgt, "x", "y"]),
+                           "valid": ([*valid_src, " "], [*valid_tgt, "z"]), "test": toy_pairs(4)})
+    for run in ("corpus", "cache"):  # the second run reads the encoded splits from the cache
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="transformer"):
+            train(compose_config(run_overrides(corpus, cache, 1, "data.max_len=32")),
+                  tmp_path / run)
+        assert f"train: 300 of 302 pairs kept, dropped 2 (1 empty, 1 too long); from {run}" \
+            in caplog.text
+        assert f"valid: 40 of 41 pairs kept, dropped 1 (1 empty); from {run}" in caplog.text
 
 
 # ----------------------------------------------------------------------------- bad corpora

@@ -1,12 +1,14 @@
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from transformer.config import OptimConfig, SchedConfig
+from transformer.config import ConfigError, ModelConfig, OptimConfig, SchedConfig
 from transformer.loss import label_smoothed_cross_entropy, rdrop_cross_entropy
-from transformer.optim import build_optimizer, build_scheduler, lr_factor
+from transformer.model import build_model
+from transformer.optim import build_optimizer, build_scheduler, lr_factor, no_decay_names
 
 
 @pytest.mark.parametrize("epsilon", [0.0, 0.1, 0.3])
@@ -92,3 +94,74 @@ def test_scheduler_drives_the_optimizer():
         scheduler.step()
     assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     assert optimizer.param_groups[0]["betas"] == (0.9, 0.98)
+
+
+def tiny_model(**changes) -> torch.nn.Module:
+    """configs/model/tiny.yaml's model (2+2 layers, d 32) over 50 tokens a side."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=64,
+                      dropout=0.0, max_len=64, share_embeddings="decoder")
+    return build_model(dataclasses.replace(cfg, **changes), 50, 50)
+
+
+def exempt_by_name(name: str) -> bool:
+    """What the default optim.no_decay spares, from the model's naming alone: biases,
+    LayerNorm gains (the modules are called ``norm`` or ``final_norm``), token and
+    position tables."""
+    module_name, _, leaf = name.rpartition(".")
+    return (leaf == "bias" or module_name.split(".")[-1].endswith("norm")
+            or module_name.endswith("embedding.tokens") or module_name.endswith("positions"))
+
+
+@pytest.mark.parametrize("changes", [
+    {}, {"share_embeddings": "all", "norm_first": True, "positional": "learned"},
+    {"share_embeddings": "none"}], ids=["tiny", "tied-prenorm-learned", "untied"])
+def test_weight_decay_spares_biases_norms_and_embeddings(changes):
+    model = tiny_model(**changes)
+    names = {id(p): name for name, p in model.named_parameters()}
+    optimizer = build_optimizer(model, OptimConfig(weight_decay=0.1), torch.device("cpu"))
+    decay, spared = ([names[id(p)] for p in group["params"]] for group in optimizer.param_groups)
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.1, 0.0]
+    assert set(spared) == {name for name in names.values() if exempt_by_name(name)}
+    assert set(decay) == {name for name in names.values() if not exempt_by_name(name)}
+    # What decays is exactly the matrices of the linear layers, and the output projection
+    # only when it is not tied to the embeddings.
+    linear = {f"{name}.weight" for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear)}
+    tied = model.output_projection.weight is model.decoder.embedding.tokens.weight
+    assert set(decay) == linear - ({"output_projection.weight"} if tied else set())
+    assert ("output_projection.weight" in decay) == (changes.get("share_embeddings") == "none")
+
+
+def test_a_zero_gradient_step_shrinks_the_matrices_and_leaves_the_rest():
+    model = tiny_model()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    lr, weight_decay = 1e-2, 0.1
+    optimizer = build_optimizer(model, OptimConfig(lr=lr, weight_decay=weight_decay),
+                                torch.device("cpu"))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # a None gradient would skip the parameter altogether
+    optimizer.step()
+    params = dict(model.named_parameters())
+    for name in ("encoder.layers.0.self_attn.q_proj.bias", "decoder.layers.1.ff_block.norm.weight",
+                 "encoder.embedding.tokens.weight"):
+        assert torch.equal(params[name], before[name]), name
+    matrix = "decoder.layers.0.feed_forward.linear1.weight"
+    torch.testing.assert_close(params[matrix], before[matrix] * (1 - lr * weight_decay),
+                               rtol=1e-6, atol=0)
+
+
+def test_no_decay_takes_expressions_and_refuses_one_that_matches_nothing():
+    model = tiny_model(share_embeddings="all")
+    # The tied weight is both an embedding and output_projection.weight: either name spares it.
+    assert no_decay_names(model, ["output_projection"]) == {"encoder.embedding.tokens.weight"}
+    assert no_decay_names(model, ["^decoder\\..*bias$"]) == {
+        name for name, _ in model.named_parameters()
+        if name.startswith("decoder.") and name.endswith("bias")}
+    with pytest.raises(ConfigError, match="optim.no_decay: 'embeding' is not one of"):
+        build_optimizer(model, OptimConfig(weight_decay=0.1, no_decay=["embeding"]),
+                        torch.device("cpu"))
+    # Without weight decay there is one group, as in checkpoints from before optim.no_decay.
+    assert len(build_optimizer(model, OptimConfig(), torch.device("cpu")).param_groups) == 1
+    assert len(build_optimizer(model, OptimConfig(weight_decay=0.1, no_decay=[]),
+                               torch.device("cpu")).param_groups) == 1

@@ -310,7 +310,8 @@ def test_a_resumed_run_reuses_its_first_start_s_cache(base, corpus, cache, tmp_p
     with caplog.at_level(logging.INFO, logger="transformer"):
         train(compose_config(overrides(corpus, cache, INTERRUPTED + 1, f"trainer.resume={base}")),
               tmp_path / "run")
-    found = re.search(r"train: 300 pairs from cache, (\S+)/train-", caplog.text)
+    found = re.search(r"train: 300 of 300 pairs kept, dropped 0; from cache, (\S+)/train-",
+                      caplog.text)
     assert found, caplog.text
     assert (Path(found.group(1)) / "tokenizer.json").exists()  # the trained tokenizer's folder
 

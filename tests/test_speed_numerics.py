@@ -15,14 +15,14 @@ from torch import Tensor
 
 from transformer import MultiHeadAttention, Transformer
 from transformer.attention import causal_mask, explicit_attention, fused_attention
-from transformer.config import OptimConfig, SchedConfig
+from transformer.config import OptimConfig
 from transformer.dropout import Dropout
 from transformer.loss import (
     label_smoothed_cross_entropy,
     linear_label_smoothed_cross_entropy,
     linear_rdrop_cross_entropy,
 )
-from transformer.optim import build_optimizer, build_scheduler
+from transformer.optim import build_optimizer
 from transformer.precision import Precision
 from transformer.trainer import batch_loss, rdrop_batch_loss, retain_freed_memory, train_step
 
@@ -140,6 +140,55 @@ def test_linear_loss_under_cpu_bf16_autocast_is_close_to_the_plain_one():
     for a, b in zip(got, expected, strict=True):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
+
+
+# What the trainer's fp16 step multiplies the loss by: a GradScaler's initial scale, 2**16,
+# times 1 / n_tokens of a 4096-token batch.
+FP16_LOSS_FACTOR = 2.0**16 / 4096
+
+
+@pytest.mark.parametrize("rdrop", [False, True])
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+def test_linear_loss_fp16_gradients_keep_the_entries_near_one_over_v(rdrop, epsilon):
+    """Under fp16 autocast (as trainer.precision=fp16 runs it, the GradScaler's factor on
+    the loss) at V = 37,000, every entry of the logit gradient is within 2**-10 relative of
+    the float32 one (fp16 keeps 11 bits; the label smoothing's -eps/V is added in float32,
+    hence the absolute 2**-10 eps/V). Most entries, softmax probabilities around 1/V =
+    2.7e-5 and below, lie under fp16's smallest normal number (6.1e-5); rounded there
+    unscaled, as they once were, those near 1e-7 lost tens of percent. The entries are read
+    off the weight gradient: each pass has one token whose state is 1 on its own half of the
+    d features and 0 elsewhere, so row v of the weight gradient is the gradient of logit v,
+    pass by pass. The logits are exact in fp16 (sums of 16 multiples of 1/16), so only the
+    gradient's rounding is measured. The states' gradient (a sum over V) is held to the same
+    bound relative to the sum of the absolute values of its terms."""
+    V, d, passes = 37_000, 32, 2 if rdrop else 1
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randint(-8, 9, (V, d), generator=generator).float() / 16
+    hidden = torch.zeros(passes, 2, d)  # row 1 is padding
+    for i in range(passes):
+        hidden[i, 0, i * d // 2:(i + 1) * d // 2] = 1.0
+    target = torch.tensor([int(torch.randint(1, V, (1,), generator=generator)), PAD])
+
+    def grads(dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype == torch.float16):
+            if rdrop:
+                loss, _ = linear_rdrop_cross_entropy(h, w, target, epsilon, 5.0, PAD)
+            else:
+                loss, _ = linear_label_smoothed_cross_entropy(h[0], w, target, epsilon, PAD)
+        (loss * FP16_LOSS_FACTOR).backward()
+        return h.grad / FP16_LOSS_FACTOR, w.grad / FP16_LOSS_FACTOR
+
+    (hidden16, weight16), (hidden32, weight32) = grads(torch.float16), grads(torch.float32)
+    logit_grads = weight32.unflatten(1, (2, d // 2))[:, :passes, 0]  # (V, P)
+    assert (logit_grads.abs() < 6.1e-5).float().mean() > 0.5  # mostly under fp16's normals
+    for half in range(passes):  # each entry of pass `half`, d/2 times over
+        columns = slice(half * d // 2, (half + 1) * d // 2)
+        torch.testing.assert_close(weight16[:, columns], weight32[:, columns], rtol=2**-10,
+                                   atol=2**-10 * epsilon / V)
+    scale = logit_grads.abs().T @ weight.abs()  # (P, d): sums of |terms|
+    assert ((hidden16[:, 0] - hidden32[:, 0]).abs() <= 2**-10 * scale).all()
+    assert hidden16[:, 1].abs().max() == 0  # padding
 
 
 @dataclass
@@ -294,12 +343,10 @@ def test_attention_under_cpu_bf16_autocast_runs_in_float32():
 def make_step(fused: bool, device: str = "cpu"):
     model, batch = tiny_model_and_batch(torch.float32, device)
     optimizer = build_optimizer(model, OptimConfig(lr=1e-3, fused=fused), torch.device(device))
-    scheduler = build_scheduler(optimizer, SchedConfig(warmup_steps=2), 100)
     precision = Precision.resolve("fp32", torch.device(device))
 
     def step(b: Batch = batch):
-        return train_step(model, [b], optimizer, scheduler, precision.grad_scaler(), precision,
-                          1.0, 0.1)
+        return train_step(model, [b], optimizer, precision.grad_scaler(), precision, 1.0, 0.1)
     return model, batch, optimizer, step
 
 
@@ -385,10 +432,9 @@ def test_compiled_step_matches_eager_on_cuda():
     for compile in (False, True):
         model, batch, optimizer, _ = make_step(True, "cuda")
         precision = Precision.resolve("bf16", torch.device("cuda"))
-        scheduler = build_scheduler(optimizer, SchedConfig(warmup_steps=2), 100)
         loss_fn = torch.compile(batch_loss) if compile else batch_loss
-        outputs = [train_step(model, [batch], optimizer, scheduler, precision.grad_scaler(),
-                              precision, 1.0, 0.1, loss_fn) for _ in range(3)]
+        outputs = [train_step(model, [batch], optimizer, precision.grad_scaler(), precision,
+                              1.0, 0.1, loss_fn) for _ in range(3)]
         losses.append(torch.stack([o.loss_sum for o in outputs]))
     torch.testing.assert_close(losses[0], losses[1], rtol=2e-2, atol=1e-2)
 

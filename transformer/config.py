@@ -9,6 +9,7 @@ combinations no type can express (d_model divisible by n_heads, ...).
 from __future__ import annotations
 
 import math
+import re
 import string
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +79,9 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-9
     weight_decay: float = 0.0
+    # Parameters weight decay leaves alone: kinds (transformer.optim.NO_DECAY_KINDS) or
+    # regular expressions searched in parameter names; [] decays every parameter.
+    no_decay: list[str] = field(default_factory=lambda: ["bias", "norm", "embedding"])
     fused: bool | None = None  # None: fused where torch has the kernel (CUDA, CPU)
 
 
@@ -233,6 +237,12 @@ def validate(cfg: Any) -> None:
                           f"model.n_heads={model.n_heads}")
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas={list(cfg.optim.betas)} must be two values in [0, 1)")
+    for entry in cfg.optim.no_decay:  # a kind's name is a valid expression too
+        try:
+            re.compile(entry)
+        except re.error as error:
+            raise ConfigError(f"optim.no_decay: {entry!r} is not a regular expression ({error})"
+                              ) from None
     if cfg.model.share_embeddings == "all" and not cfg.data.joint_vocab:
         raise ConfigError("model.share_embeddings=all needs data.joint_vocab=true "
                           "(one vocabulary for both sides)")

@@ -399,13 +399,19 @@ class TranslationData:
 
 
 def _stats_line(stats: SplitStats, vocab: str) -> str:
-    reasons = [f"{n} {why.replace('_', ' ')}" for why, n in stats.dropped.items() if n]
-    if stats.truncated:
-        reasons.append(f"{stats.truncated} truncated, kept")
-    dropped = f"{sum(stats.dropped.values())}" + (f" ({', '.join(reasons)})" if reasons else "")
+    dropped = dropped_text(stats)
     return (f"{stats.split:<18}{stats.read:>8}{stats.kept:>8}  {dropped:<26}"
             f"{stats.src_tokens:>11}{stats.tgt_tokens:>11}{vocab:>12}{stats.seconds:>9.2f}  "
             f"{'cache' if stats.cached else 'corpus'}")
+
+
+def dropped_text(stats: SplitStats) -> str:
+    """How many pairs of a split were dropped, and why: "5 (3 empty, 2 too long)"; over-long
+    val/test pairs that were truncated and kept are named too."""
+    reasons = [f"{n} {why.replace('_', ' ')}" for why, n in stats.dropped.items() if n]
+    if stats.truncated:
+        reasons.append(f"{stats.truncated} truncated, kept")
+    return f"{sum(stats.dropped.values())}" + (f" ({', '.join(reasons)})" if reasons else "")
 
 
 # ----------------------------------------------------------------------------- preparing
@@ -520,8 +526,8 @@ def _encoded_split(cfg: DataConfig, corpus: FileCorpus | HubCorpus, split: str,
         stats = _encode_to_cache(_SplitEncoder(cfg, corpus, split, tokenizer_pair), directory)
     fields = {name: Ragged.load(directory / name, text) for name, text in FIELDS.items()}
     stats.seconds = time.perf_counter() - start
-    log(f"{split}: {stats.kept} pairs from {'cache' if stats.cached else 'corpus'}, "
-        f"{directory}")
+    log(f"{split}: {stats.kept} of {stats.read} pairs kept, dropped {dropped_text(stats)}; "
+        f"from {'cache' if stats.cached else 'corpus'}, {directory}")
     return EncodedSplit(split, stats=stats, **fields)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import itertools
 import logging
 import os
@@ -162,7 +163,15 @@ def wrap_for_training(model: nn.Module, loss_fn, label_smoothing: float, ddp: Di
     checkpoints keep using the bare ``model`` (its state_dict has no ``module.`` prefix)."""
     module = LossModule(model, loss_fn, label_smoothing)
     # device_ids=None: batches are already on this rank's device, so DDP need not move them.
-    return DistributedDataParallel(module) if ddp.enabled else module
+    # No buffer sync before each forward: the only buffers are the sinusoid tables, constant
+    # and the same on every rank; DDP would otherwise send rank 0's every time.
+    return DistributedDataParallel(module, **{NO_BUFFER_SYNC: False}) if ddp.enabled else module
+
+
+# broadcast_buffers was renamed forward_sync_buffers (torch 2.13), with a warning for the old name.
+NO_BUFFER_SYNC = ("forward_sync_buffers" if "forward_sync_buffers" in
+                  inspect.signature(DistributedDataParallel.__init__).parameters
+                  else "broadcast_buffers")
 
 
 def gradient_sync(module: nn.Module, sync: bool) -> contextlib.AbstractContextManager:

@@ -67,7 +67,8 @@ def linear_label_smoothed_cross_entropy(
     float32 logits). A chunk's logits give its loss and, at once, its gradient, which is
     folded into the gradients of ``hidden`` and ``weight`` and kept for the backward pass;
     then the chunk is freed. Under autocast the products run in the autocast dtype and the
-    softmax and sums in float32, as in ``label_smoothed_cross_entropy``.
+    softmax and sums in float32, as in ``label_smoothed_cross_entropy``; under fp16 the
+    chunk's gradient is scaled into fp16's range for its products (``fp16_gradient_scale``).
     """
     return linear_loss(hidden.unsqueeze(0), weight, target, epsilon, 0.0, ignore_index,
                        chunk_size)
@@ -115,11 +116,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             keep = target.ne(ignore_index).to(dtype).unsqueeze(1)  # (N, 1)
             loss_sum = torch.zeros((), device=h.device, dtype=dtype)
             nll_sum = torch.zeros_like(loss_sum)  # a tensor of its own: not differentiable
-            grad_hidden = torch.empty_like(h) if with_grad else None
+            # fp16: the products' results are scaled back in float32 (fp16_gradient_scale).
+            rescale = compute_dtype == torch.float16
+            grad_hidden = torch.empty_like(h, dtype=dtype if rescale else None) \
+                if with_grad else None
             grad_weight = None
             kept = keep.to(compute_dtype)  # (N, 1)
             # Ignored rows zeroed: they add nothing to the weight's gradient.
             h_kept = h * kept if with_grad else None  # (P, N, d)
+            w_max = w.abs().amax() if with_grad and rescale else None
             for start in range(0, target.size(0), chunk_size):
                 rows = slice(start, start + chunk_size)
                 # A 2-D product takes the transposed weight as it is (a 3-D one copies it).
@@ -138,20 +143,29 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     both_kl, kl_grad = symmetric_kl_and_grad(x.sub_(lse), probs, with_grad)
                     loss_sum = loss_sum + alpha / 4 * (both_kl * keep[rows]).sum()
                 if with_grad:
-                    grad = peaked_grad(probs, t, epsilon, kl_grad, alpha / 4).to(compute_dtype)
+                    grad = peaked_grad(probs, t, epsilon, kl_grad, alpha / 4)  # (P, C, V)
+                    h_rows = h_kept[:, rows].flatten(0, 1)  # (P C, d)
+                    unscale = None
+                    if rescale:
+                        scale = fp16_gradient_scale(grad, w_max, h_rows)
+                        grad, unscale = grad.mul_(scale), scale.reciprocal()
+                    grad = grad.to(compute_dtype)
                     for i in range(passes):
-                        torch.mm(grad[i], w, out=grad_hidden[i, rows])  # (C, d)
+                        if unscale is None:
+                            torch.mm(grad[i], w, out=grad_hidden[i, rows])  # (C, d)
+                        else:  # widened to float32, then scaled back
+                            grad_hidden[i, rows] = (grad[i] @ w).to(dtype) * unscale
                     # Ignored rows: their gradient rows are zeroed in (P, C, d), not (P, C, V).
                     grad_hidden[:, rows] *= kept[rows]
-                    grad_weight = add_product(grad_weight, grad.flatten(0, 1).T,
-                                              h_kept[:, rows].flatten(0, 1), dtype)  # (V, d)
+                    grad_weight = add_product(grad_weight, grad.flatten(0, 1).T, h_rows,
+                                              dtype, unscale)  # (V, d)
         if with_grad:
             if grad_weight is None:  # no rows at all
                 grad_weight = torch.zeros_like(w, dtype=dtype)
             # The smoothing's -eps/V is the same for every logit of every kept row, so its
             # share of the two products is added once, here: -eps/V times a sum of rows.
             shift = epsilon / w.size(0) / passes
-            grad_hidden -= shift * (kept * w.sum(0, dtype=dtype).to(compute_dtype))
+            grad_hidden -= shift * (kept * w.sum(0, dtype=dtype).to(grad_hidden.dtype))
             grad_weight -= shift * h_kept.sum((0, 1), dtype=dtype)
             ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.mark_non_differentiable(nll_sum)
@@ -197,11 +211,44 @@ def symmetric_kl_and_grad(lprobs: Tensor, p: Tensor, with_grad: bool
     return kl_pq + kl_qp, grad
 
 
-def add_product(total: Tensor | None, a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
-    """``total + a @ b`` in ``dtype``, inside the matrix product when the dtypes allow
-    (``out=`` rather than ``addmm_``, which ``torch.utils.flop_counter`` does not count)."""
+def add_product(total: Tensor | None, a: Tensor, b: Tensor, dtype: torch.dtype,
+                unscale: Tensor | None = None) -> Tensor:
+    """``total + a @ b * unscale`` in ``dtype``, inside the matrix product when the dtypes
+    allow (``out=`` rather than ``addmm_``, which ``torch.utils.flop_counter`` does not
+    count). ``unscale`` (fp16's scaled products, ``fp16_gradient_scale``) multiplies the
+    product once it is widened to ``dtype``."""
     if total is None:
-        return (a @ b).to(dtype)
+        product = (a @ b).to(dtype)
+        return product if unscale is None else product.mul_(unscale)
+    if unscale is not None:  # addcmul_ computes in total's dtype: the product widened first
+        return total.addcmul_(a @ b, unscale)
     if a.dtype == dtype:
         return torch.addmm(total, a, b, out=total)
     return total.add_(a @ b)
+
+
+# Where fp16_gradient_scale puts the largest possible entry of a product: under float16's
+# largest finite value, 65504, with room for the rounding of the sums.
+FP16_CEILING = 2.0**15
+
+
+def fp16_gradient_scale(grad: Tensor, weight_max: Tensor, hidden: Tensor) -> Tensor:
+    """The power of two by which the chunk's logit gradient ``grad`` (P, C, V), in float32,
+    is multiplied before it is rounded to fp16 for its two products, ``grad[i] @ weight``
+    and ``grad.T @ hidden`` (hidden (P C, d); ``weight_max`` is max |weight|).
+
+    Unscaled, the entries near 1/V and below (the softmax of every token but the target: at
+    V = 37,000 about 3e-5, under fp16's smallest normal number, 6.1e-5) would lose their
+    digits or become zero, and so would the weight gradient of every token that is not a
+    target in the batch, which Adam then scales up. A GradScaler's factor does not help:
+    it reaches this function only in the backward pass, after the rounding. The scale is
+    the largest for which no entry of either product can exceed FP16_CEILING: an entry is
+    at most a row's (or column's) absolute sum of ``grad`` times the largest entry of
+    ``weight`` (or ``hidden``). A 0-dim tensor: no host sync."""
+    magnitude = grad.abs()  # (P, C, V)
+    row_sum = magnitude.sum(-1).amax()  # also bounds every single entry
+    column_sum = magnitude.flatten(0, 1).sum(0).amax()
+    bound = torch.maximum(row_sum * weight_max.float().clamp_min(1.0),
+                          column_sum * hidden.abs().amax().float())
+    # At most 2**24: a chunk whose gradient is all zero (bound 0) gets a finite scale.
+    return torch.exp2(torch.floor(torch.log2(FP16_CEILING / bound))).clamp(max=2.0**24)

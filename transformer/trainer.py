@@ -44,6 +44,7 @@ from transformer.data import (
     TokenBatchSampler,
     TranslationData,
     collate,
+    dropped_text,
     prepare_data,
 )
 from transformer.decoding import evaluating, translate_ids
@@ -92,7 +93,7 @@ class StepOutput:
     nll_sum: Tensor
     n_tokens: int | Tensor  # target tokens, all micro-batches (and ranks) together
     grad_norm: Tensor  # before clipping
-    finite: Tensor  # False when the loss or a gradient was inf/nan (the step was skipped)
+    finite: Tensor  # False when the loss or a gradient was inf/nan (the update was skipped)
 
 
 def batch_loss(model: nn.Module, batch, label_smoothing: float, pad_id: int = 0
@@ -147,15 +148,18 @@ def choose_loss_fn(device: torch.device, compile: bool, rdrop_alpha: float = 0.0
 
 
 def train_step(model: nn.Module, micro_batches: Sequence, optimizer: torch.optim.Optimizer,
-               scheduler, scaler: torch.amp.GradScaler, precision: Precision,
+               scaler: torch.amp.GradScaler, precision: Precision,
                clip_norm: float | None, label_smoothing: float,
                loss_fn: Callable = batch_loss, ddp: Distributed = SINGLE_PROCESS) -> StepOutput:
     """Forward, label-smoothed loss, backward over each micro-batch (gradient accumulation),
-    then unscale, clip and one optimizer step. The loss is normalised by the target tokens
-    of all micro-batches, so accumulation equals one big batch. ``loss_fn``: ``batch_loss``
-    or ``torch.compile(batch_loss)``, which compiles forward, loss and backward together.
+    then unscale, clip and one optimizer update, skipped when the loss or a gradient is
+    inf/nan (``StepOutput.finite``). The loss is normalised by the target tokens of all
+    micro-batches, so accumulation equals one big batch. ``loss_fn``: ``batch_loss`` or
+    ``torch.compile(batch_loss)``, which compiles forward, loss and backward together.
     ``model``: the Transformer, or ``wrap_for_training``'s module (DDP over ``ddp``'s ranks;
-    its ``loss_fn`` and label smoothing then apply)."""
+    its ``loss_fn`` and label smoothing then apply). The LR schedule is the caller's: it
+    advances only with an applied update (``count_step``), which the flag tells without
+    a host sync here."""
     if not isinstance(model, (LossModule, nn.parallel.DistributedDataParallel)):
         model = LossModule(model, loss_fn, label_smoothing)
     n_tokens = step_tokens(micro_batches, ddp)
@@ -174,23 +178,20 @@ def train_step(model: nn.Module, micro_batches: Sequence, optimizer: torch.optim
     scaler.unscale_(optimizer)
     max_norm = clip_norm if clip_norm else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    # fp16 overflows are the GradScaler's business (it skips and lowers the scale); a
-    # non-finite loss is always a real problem.
-    finite = torch.isfinite(loss_total)
-    if not scaler.is_enabled():
-        finite = finite & torch.isfinite(grad_norm)
-    if scaler.is_enabled():
-        scaler.step(optimizer)  # skips the step itself when fp16 gradients overflowed
-        scaler.update()
-    elif optimizer.defaults.get("fused"):
+    # One rule for every precision: no update from a non-finite loss or gradient. With fp16
+    # these include the overflows the GradScaler found in unscale_ (inf/nan gradients give
+    # a non-finite norm), for which update() lowers its scale; the scaler's own step() is
+    # not used, so that it cannot apply an update this flag skips.
+    finite = torch.isfinite(loss_total) & torch.isfinite(grad_norm)
+    if optimizer.defaults.get("fused"):
         # Fused AdamW skips a step itself when given GradScaler's ``found_inf`` flag:
         # never a nan/inf update, and no host sync.
         optimizer.found_inf = (~finite).float()
         optimizer.step()
         del optimizer.found_inf
-    elif finite:  # the one host sync of the step: never apply a nan/inf update
+    elif finite:  # a host sync: never apply a nan/inf update
         optimizer.step()
-    scheduler.step()
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return StepOutput(loss_total, nll_total, n_tokens, grad_norm, finite)
 
@@ -218,9 +219,9 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12}  
 class TrainState:
     """Where training stands; saved in every checkpoint."""
 
-    step: int = 0  # optimizer steps taken
+    step: int = 0  # updates applied: a skipped step does not count (fairseq's num_updates)
     epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed, skipped or not
     best: float | None = None  # best validation metric so far
     validations_without_improvement: int = 0
     skipped_steps: int = 0  # non-finite steps, in total and in a row
@@ -246,7 +247,7 @@ class Run:
     meter: Meter = field(default_factory=lambda: Meter())  # (defined below) sums to log
     flops_per_token: float | None = None
     saved_step: int | None = None  # the step of the newest checkpoint written
-    pending_finite: list[tuple[int, Tensor]] = field(default_factory=list)  # unchecked steps
+    unsettled: StepOutput | None = None  # the step taken last, until count_step reads it
     ddp: Distributed = field(default_factory=Distributed)  # this process's rank, world size
     train_module: nn.Module | None = None  # (loss, nll) = train_module(batch); DDP-wrapped
     fingerprint: dict[str, Any] = field(default_factory=dict)  # of the data order (resume.py)
@@ -344,6 +345,11 @@ def fit(run: Run) -> None:
         rank=run.ddp.rank, world_size=run.ddp.world_size)  # each rank its share of batches
     if len(sampler) == 0:
         raise DataError(f"split {run.cfg.data.train_split!r} has no pairs left to train on")
+    valid_split = run.data.splits[run.cfg.data.valid_split]
+    if len(valid_split) == 0:  # else validation would divide by zero, after the training
+        raise DataError(f"split {valid_split.name!r} (data.valid_split) has no pairs left to "
+                        f"validate on: {valid_split.stats.read} read, dropped "
+                        f"{dropped_text(valid_split.stats)}")
     progress = Progress(cfg.max_steps, state.step, run.ddp.is_main)
     run.meter.start = time.perf_counter()  # throughput counts from the loop, not from setup
     with StopSignal() as stop:
@@ -366,28 +372,43 @@ def fit(run: Run) -> None:
 
 def run_steps(run: Run, sampler: TokenBatchSampler, split: EncodedSplit, progress: Progress,
               stop: StopSignal) -> bool:
-    """Optimizer steps until the run is finished; True if a stop signal ended them first."""
+    """Optimizer steps until the run is finished; True if a stop signal ended them first.
+
+    Each step is settled (``settle``: counted, logged, validated, saved) once the next
+    step's batches are collated and on their way to the device. Whether the step was
+    applied or skipped decides the update count and the LR schedule, and reading that flag
+    waits for the device; there, a GPU still has the step's optimizer kernel queued, so it
+    does not idle while the host reads and acts (on the CPU the read is free)."""
     cfg, state = run.cfg.trainer, run.state
     while not finished(run):
         for micro_batches in grouped(epoch_batches(run, sampler, split), cfg.grad_accum):
+            if end := settle(run, progress, stop):
+                return end == "stopped"
             maybe_inject_fault(run.ddp.rank, state.step + 1)
-            output = train_step(run.train_module, micro_batches, run.optimizer, run.scheduler,
-                                run.scaler, run.precision, cfg.clip_norm, cfg.label_smoothing,
-                                run.loss_fn, run.ddp)
-            state.step += 1
+            run.unsettled = train_step(run.train_module, micro_batches, run.optimizer,
+                                       run.scaler, run.precision, cfg.clip_norm,
+                                       cfg.label_smoothing, run.loss_fn, run.ddp)
             state.batch_in_epoch += len(micro_batches)
-            run.meter.add(output)
-            after_step(run, output, progress)
-            if finished(run):
-                return False
-            if stop_requested(stop, run.ddp):
-                return True
+        if end := settle(run, progress, stop):  # the epoch's last step
+            return end == "stopped"
         # the epoch ran out
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         if cfg.val_every_steps is None:
             with run.meter.paused():
                 validate_and_save(run)
     return False
+
+
+def settle(run: Run, progress: Progress, stop: StopSignal) -> str | None:
+    """Count the step taken last, if any, and act on it: logs, validation and checkpoints
+    after an applied update. "finished" or "stopped" (a stop signal) when the loop ends."""
+    if run.unsettled is None:
+        return None
+    if count_step(run):
+        after_step(run, progress)
+        if finished(run):
+            return "finished"
+    return "stopped" if stop_requested(stop, run.ddp) else None
 
 
 class StopSignal:
@@ -472,12 +493,10 @@ def grouped(batches: Iterator[Batch], size: int) -> Iterator[list[Batch]]:
         yield group
 
 
-def after_step(run: Run, output: StepOutput, progress: Progress) -> None:
+def after_step(run: Run, progress: Progress) -> None:
     cfg, state = run.cfg.trainer, run.state
-    run.pending_finite.append((state.step, output.finite))
     progress.update(state.step)
     if state.step % cfg.log_every_steps == 0:
-        check_finite(run)
         metrics = run.meter.summary(run)
         run.logger.scalars(metrics, state.step)
         progress.show(state.step, metrics)
@@ -488,34 +507,37 @@ def after_step(run: Run, output: StepOutput, progress: Progress) -> None:
             save(run)
 
 
-def check_finite(run: Run) -> None:
-    """Count the non-finite steps since the last check (train_step skipped their updates);
-    stop after too many in a row. Called at log, validation and save points only: reading
-    the flags is a host sync, which every step would pay on a GPU."""
-    state, pending = run.state, run.pending_finite
-    if not pending:
-        return
-    flags = torch.stack([finite for _, finite in pending]).tolist()
-    steps = [step for step, _ in pending]
-    pending.clear()
-    for step, finite in zip(steps, flags, strict=True):
-        if finite:
-            state.skipped_in_a_row = 0
-            continue
-        state.skipped_steps += 1
-        state.skipped_in_a_row += 1
-        run.logger.scalars({"train/skipped_steps": state.skipped_steps}, step)
-        log.warning("step %d: non-finite loss or gradients, update skipped (%d in a row)",
-                    step, state.skipped_in_a_row)
-        if state.skipped_in_a_row >= run.cfg.trainer.max_skipped_steps:
-            raise FloatingPointError(
-                f"{state.skipped_in_a_row} steps in a row had non-finite loss or gradients "
-                f"(step {step}); lower optim.lr, raise sched.warmup_steps, or use "
-                "trainer.precision=bf16/fp32")
+def count_step(run: Run) -> bool:
+    """Read whether the step taken last was applied (a host sync: ``run_steps`` says when).
+    An applied update advances the update count (``state.step``), the LR schedule and the
+    logged sums; a skipped step (non-finite loss or gradients) advances none of them, as in
+    fairseq, so that a run ends with the schedule of one that never met it. Skipped steps
+    are counted and logged; too many in a row stop the run. True if applied."""
+    output, run.unsettled = run.unsettled, None
+    state = run.state
+    if bool(output.finite):
+        state.step += 1
+        state.skipped_in_a_row = 0
+        run.scheduler.step()
+        run.meter.add(output)
+        return True
+    state.skipped_steps += 1
+    state.skipped_in_a_row += 1
+    attempted = state.step + 1  # the update this step would have been
+    run.logger.scalars({"train/skipped_steps": state.skipped_steps}, attempted)
+    log.warning("step %d: non-finite loss or gradients, update skipped (%d in a row)",
+                attempted, state.skipped_in_a_row)
+    if state.skipped_in_a_row >= run.cfg.trainer.max_skipped_steps:
+        raise FloatingPointError(
+            f"{state.skipped_in_a_row} steps in a row had non-finite loss or gradients "
+            f"(step {attempted}); lower optim.lr, raise sched.warmup_steps, or use "
+            "trainer.precision=bf16/fp32")
+    return False
 
 
 class Meter:
-    """Sums step outputs on the device; one host sync per logging interval. The sums go into
+    """Sums the applied steps' outputs on the device; one host sync per logging interval
+    (skipped steps stay out: their loss is nan or inf). The sums go into
     checkpoints: a run resumed between two log lines logs the same averages as one that went
     on (float(x) of a float32 sum, added to the next float32 value, gives the same bits)."""
 
@@ -714,7 +736,6 @@ def save(run: Run, best: bool = False) -> None:
     """checkpoint_last.pt, a numbered copy (the last keep_last kept) and, if best,
     checkpoint_best.pt; each written atomically, by rank 0. Every rank calls it: each
     hands over its RNG state, so that a resume restores all ranks' dropout streams."""
-    check_finite(run)  # the saved counters include every step taken
     rngs = gather(rng_state(), run.ddp)
     run.saved_step = run.state.step
     if run.ddp.is_main:
@@ -820,7 +841,14 @@ def restore(run: Run, checkpoint: dict[str, Any], changes: Sequence[str] = ()) -
     order ``trainer.reset_dataloader`` accepted (``data_order_changes``); then the current
     epoch restarts at its first batch."""
     load_weights(run.model, checkpoint)
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    try:
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
+    except ValueError as error:  # other parameter groups (weight decay and optim.no_decay)
+        raise CheckpointError(
+            f"the checkpoint's optimizer state does not fit this run's parameter groups "
+            f"({error}): resume with the optim.weight_decay and optim.no_decay it was "
+            "trained with (optim.no_decay=[] for a run from before that key existed)"
+        ) from None
     run.scheduler.load_state_dict(checkpoint["scheduler"])
     run.scaler.load_state_dict(checkpoint["scaler"])
     run.state = TrainState(**checkpoint["train_state"])
