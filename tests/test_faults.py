@@ -392,6 +392,15 @@ def test_resuming_with_other_parameter_groups_names_the_keys(corpus, cache, tmp_
                                            "trainer.resume=auto")), tmp_path)
 
 
+def test_validation_translates_all_of_a_split_smaller_than_val_max_sentences(corpus, cache,
+                                                                              tmp_path):
+    """debug=fast asks for 32 val sentences; a valid split of 40 with 100 asked must give
+    BLEU over its 40 (an IndexError past the split's end, before)."""
+    best = train(compose_config(run_overrides(corpus, cache, 2, "trainer.val_every_steps=2",
+                                              "trainer.val_max_sentences=100")), tmp_path)
+    assert 0.0 <= best <= 100.0
+
+
 def test_resume_auto_takes_the_newest_checkpoint_that_loads(tmp_path):
     directory = tmp_path / "checkpoints"
     for step in (4, 8):
