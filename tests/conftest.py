@@ -79,6 +79,13 @@ def toy_pairs() -> Callable[..., tuple[list[str], list[str]]]:
     return make_toy_pairs
 
 
+@pytest.fixture(scope="session")
+def corpus(write_corpus: CorpusWriter) -> Path:
+    """A toy parallel corpus, read-only: 300 train, 40 valid and 40 test pairs, plain files."""
+    return write_corpus({"train": make_toy_pairs(300, seed=1), "valid": make_toy_pairs(40, seed=2),
+                         "test": make_toy_pairs(40, seed=3)})
+
+
 @pytest.fixture
 def tiny_data_cfg(write_corpus: CorpusWriter, tmp_path: Path) -> DataConfig:
     """A ``parallel_files`` DataConfig over a toy corpus (300 train, 40 valid, 40 test pairs)

@@ -54,12 +54,6 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def corpus(write_corpus) -> Path:
-    return write_corpus({"train": make_toy_pairs(300, seed=1), "valid": make_toy_pairs(40, seed=2),
-                         "test": make_toy_pairs(40, seed=3)})
-
-
-@pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data_cache")
 

@@ -68,12 +68,6 @@ def run_overrides(corpus: Path, cache: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def corpus(write_corpus) -> Path:
-    return write_corpus({"train": make_toy_pairs(300, seed=1), "valid": make_toy_pairs(40, seed=2),
-                         "test": make_toy_pairs(40, seed=3)})
-
-
-@pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
