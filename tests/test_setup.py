@@ -121,5 +121,5 @@ def test_make_train_runs_the_job_from_elsewhere(write_corpus, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "setting up" not in result.stdout
     log = (run_dir / "train.log").read_text()
-    assert "train: 40 pairs" in log, log
+    assert "train: 40 of 40 pairs kept" in log, log
     assert (run_dir / "checkpoints" / "checkpoint_last.pt").exists()
