@@ -46,6 +46,7 @@ from transformer.checkpoint import (
     step_of,
     write_checkpoints,
 )
+from transformer.components import PARTS
 from transformer.config import (
     CHOICES,
     ConfigError,
@@ -579,17 +580,20 @@ GROUPS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
 
 
 def value_type(hint: typing.Any) -> typing.Any:
-    """int for ``int`` and ``int | None``; list for ``list[float]``."""
+    """int for ``int`` and ``int | None``; list for ``list[float]``; dict for
+    ``dict[str, Any] | None`` (a model part's entry)."""
     args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
     origin = typing.get_origin(hint)
-    return origin if origin is list else (args[0] if args else hint)
+    if origin is list:
+        return list
+    return dict if args and typing.get_origin(args[0]) is dict else (args[0] if args else hint)
 
 
 KEYS = {f"{group}.{name}": value_type(hint) for group, schema in GROUPS.items()
         for name, hint in typing.get_type_hints(schema).items()}
 NOT_A = {int: ["abc", 1.5, [1, 2], {"a": 1}, True], float: ["abc", [0.5], {"a": 1}, True],
          bool: ["abc", "maybe", 2.5, [True]], list: ["abc", 0.5, {"a": 1}],
-         str: [[1, 2], {"a": 1}]}  # any text is a string
+         str: [[1, 2], {"a": 1}], dict: ["abc", 1.5, [1, 2], True]}  # any text is a string
 # Counts that may be zero; every other int key is a size or a count that must be positive.
 MAY_BE_ZERO = {"sched.warmup_steps", "trainer.overfit_batches", "logger.n_examples",
                "trainer.max_steps"}  # 0 steps: save the starting point (a converted model)
@@ -614,7 +618,8 @@ def out_of_range(key: str) -> st.SearchStrategy:
 
 
 NUMBERS = sorted([key for key, kind in KEYS.items() if kind in (int, float)])
-CONFIG_GROUPS = ("model", "data", "optim", "sched", "trainer", "logger", "debug", "experiment")
+CONFIG_GROUPS = ("model", "data", "optim", "sched", "trainer", "logger", "debug", "experiment",
+                 *(f"model/{part}" for part in PARTS))
 NAME = st.from_regex(r"[a-z][a-z0-9_]{0,11}", fullmatch=True)
 
 

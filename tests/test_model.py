@@ -1,6 +1,7 @@
 """The model against independent references: float64 naive math, torch's own modules,
 hand-computed parameter counts, and invariances every correct Transformer has."""
 
+import functools
 import math
 
 import pytest
@@ -207,7 +208,8 @@ def test_initialization():
 
 
 def test_every_parameter_gets_a_gradient():
-    model = tiny(share_embeddings="none", positional="learned").train()
+    model = tiny(share_embeddings="none",
+                 positional=functools.partial(PositionalEncoding, kind="learned")).train()
     src, tgt = torch.randint(1, 23, (2, 6)), torch.randint(1, 29, (2, 5))
     model(src, tgt).sum().backward()
     for name, parameter in model.named_parameters():
@@ -246,7 +248,7 @@ def test_attention_maps_are_recorded():
     (dict(dropout=-0.1), "dropout=-0.1"),
     (dict(token_dropout=1.0), "token_dropout=1.0"),
     (dict(share_embeddings="encoder"), "share_embeddings='encoder'"),
-    (dict(activation="tanh"), "activation='tanh'"),
+    (dict(feed_forward=functools.partial(FeedForward, activation="tanh")), "activation='tanh'"),
 ])
 def test_bad_arguments_name_themselves(kwargs, name):
     with pytest.raises(ValueError, match=name):

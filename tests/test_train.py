@@ -165,9 +165,11 @@ def test_optuna_search_runs_trials(multi30k_dir, data_cache, tmp_path):
 
 def test_every_config_composes():
     """Each option of each group composes against the typed schema and validates."""
+    from transformer.components import PARTS
     from transformer.config import validate
 
-    for group in ("model", "data", "optim", "sched", "experiment", "debug"):
+    for group in ("model", "data", "optim", "sched", "experiment", "debug",
+                  *(f"model/{part}" for part in PARTS)):
         for option in sorted((REPO / "configs" / group).glob("*.yaml")):
             cfg = compose_config([f"{group}={option.stem}"])
             validate(cfg)

@@ -10,19 +10,38 @@
 
 Masks are boolean and **True where attention is allowed**, broadcastable to
 ``(B, h, Tq, Tk)`` (the same convention as ``scaled_dot_product_attention``).
+
+``forward(query, key, value, mask, is_causal=..., cache=...)`` is what the layers call; any
+module with that call plugs in as ``model/attention`` (docs/extending.md). With a
+``KVCache`` (incremental decoding), self-attention appends the new keys/values to it and
+cross-attention projects the encoder output once. Positions that act inside attention
+(``model/positional=rope`` or ``alibi``) come in as ``positions``: it rotates the queries and
+keys of step 1 and may add a bias to the scores of step 4.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+@dataclass
+class KVCache:
+    """One attention module's keys and values saved across incremental decoding steps,
+    each (B, h, T, d_k). Beam search reorders dim 0 of every tensor held here, so an
+    attention module of one's own may keep other tensors on it too, batch first."""
+
+    k: Tensor | None = None
+    v: Tensor | None = None
+
+
 class MultiHeadAttention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True):
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True,
+                 positions: nn.Module | None = None):
         super().__init__()
         if d_model % n_heads != 0:
             raise ValueError(
@@ -37,6 +56,8 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(d_model, d_model, bias=bias)
         self.v_proj = nn.Linear(d_model, d_model, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)  # W_O
+        # RoPE or ALiBi (transformer/rotary.py, alibi.py): used by self-attention only.
+        self.positions = positions
         # When True, forward takes the explicit path and keeps the weights in
         # ``last_weights`` (see ``transformer.model.attention_maps``).
         self.keep_weights = False
@@ -68,47 +89,78 @@ class MultiHeadAttention(nn.Module):
         mask: Tensor | None = None,
         need_weights: bool = False,
         is_causal: bool = False,
+        cache: KVCache | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        if query is key and key is value:  # self-attention: q, k and v in one product
-            q, k, v = self.project_together(query, [self.q_proj, self.k_proj, self.v_proj])
-            return self.attend(query, k, v, mask, need_weights, is_causal, q=q)
-        k, v = self.project_kv(key, value)
-        return self.attend(query, k, v, mask, need_weights, is_causal)
-
-    def attend(
-        self,
-        query: Tensor,
-        k: Tensor,
-        v: Tensor,
-        mask: Tensor | None = None,
-        need_weights: bool = False,
-        is_causal: bool = False,
-        q: Tensor | None = None,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """Attend with already projected keys/values ``(B, h, Tk, d_k)`` (the decoder's cache
-        passes its stored ones). ``is_causal``: the Tq queries are the last Tq of the Tk
-        positions, and none may see a later one. ``q``: the queries, if already projected."""
-        if q is None:
-            q = self.split_heads(self.q_proj(query))  # (B, h, Tq, d_k)
-        if is_causal:
-            causal = causal_mask(q.size(2), k.size(2), q.device)
-            mask = causal if mask is None else mask & causal
-        dropout_p = self.dropout if self.training else 0.0
-        weights = None
-        if need_weights or self.keep_weights:
-            out, weights = explicit_attention(q, k, v, mask, dropout_p)
-            if self.keep_weights:
-                self.last_weights = weights.detach()
-        else:
-            # Steps 2-6 in one fused kernel; a lone square causal mask goes in as a flag so
-            # that the flash kernel can be used (the flag means top-left alignment).
-            only_causal = is_causal and mask is causal and q.size(2) == k.size(2)
-            out = fused_attention(q, k, v, None if only_causal else mask, dropout_p,
-                                  only_causal)
+        """query (B, Tq, d), key/value (B, Tk, d) -> (B, Tq, d). ``is_causal``: the Tq
+        queries are the last Tq of the Tk positions, and none may see a later one."""
+        q, k, v = self.project(query, key, value, cache)  # step 1
+        out, weights = self.attend(q, k, v, mask, is_causal, need_weights or self.keep_weights)
+        if self.keep_weights:
+            self.last_weights = weights.detach()
         B, _, Tq, _ = out.shape
         # Concatenate the heads, then W_O.
         out = self.out_proj(out.transpose(1, 2).reshape(B, Tq, self.d_model))  # (B, Tq, d)
         return (out, weights) if need_weights else out
+
+    def project(self, query: Tensor, key: Tensor, value: Tensor, cache: KVCache | None = None
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """Step 1: q (B, h, Tq, d_k) and k, v (B, h, Tk, d_k). Self-attention (query is key
+        is value) projects all three in one product, gives q and k their positions (RoPE)
+        and, with a cache, appends k and v to the earlier ones; cross-attention projects
+        the encoder output once and keeps it in the cache."""
+        if query is key and key is value:
+            q, k, v = self.project_together(query, [self.q_proj, self.k_proj, self.v_proj])
+            past = 0 if cache is None or cache.k is None else cache.k.size(2)
+            if self.positions is not None:  # the new tokens are at positions past, past + 1...
+                q, k = self.positions.rotate(q, k, past)
+            if cache is not None:
+                if past:
+                    k = torch.cat([cache.k, k], dim=2)  # (B, h, T_past + T_new, d_k)
+                    v = torch.cat([cache.v, v], dim=2)
+                cache.k, cache.v = k, v
+            return q, k, v
+        q = self.split_heads(self.q_proj(query))  # (B, h, Tq, d_k)
+        if cache is not None and cache.k is not None:
+            return q, cache.k, cache.v
+        k, v = self.project_kv(key, value)
+        if cache is not None:
+            cache.k, cache.v = k, v
+        return q, k, v
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Tensor | None = None,
+        is_causal: bool = False,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Steps 2-6 on projected q (B, h, Tq, d_k) and k, v (B, h, Tk, d_k) -> the heads'
+        outputs (B, h, Tq, d_k) and, if ``need_weights``, the weights (B, h, Tq, Tk)."""
+        # A lone newest query may see every key: only several queries need the causal mask.
+        causal = causal_mask(q.size(2), k.size(2), q.device) if is_causal and q.size(2) > 1 \
+            else None
+        # ALiBi: a bias on the scores of self-attention (None for every other part).
+        bias = self.positions.bias(q, k) if self.positions is not None else None
+        dropout_p = self.dropout if self.training else 0.0
+        if need_weights:
+            return explicit_attention(q, k, v, both(mask, causal), dropout_p, bias)
+        if causal is not None and mask is None and bias is None and q.size(2) == k.size(2):
+            # Steps 2-6 in one fused kernel; a lone square causal mask goes in as a flag so
+            # that the flash kernel can be used (the flag means top-left alignment).
+            return fused_attention(q, k, v, None, dropout_p, is_causal=True), None
+        mask = both(mask, causal)
+        if bias is not None:  # the bias and the mask as one additive mask (B, h, Tq, Tk)
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+        return fused_attention(q, k, v, mask, dropout_p, is_causal=False), None
+
+
+def both(mask: Tensor | None, causal: Tensor | None) -> Tensor | None:
+    """Where both masks allow attention (either may be None: no restriction)."""
+    if mask is None or causal is None:
+        return causal if mask is None else mask
+    return mask & causal
 
 
 def fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float,
@@ -117,22 +169,30 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropou
     float32: the CPU flash kernel's bf16 backward is about 5x slower than its float32 one
     at our sizes (docs/benchmarks.md), and these products are a small part of the FLOPs."""
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        if mask is not None and mask.is_floating_point():
+            mask = mask.float()
         with torch.autocast("cpu", enabled=False):
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), mask,
                                                  dropout_p, is_causal)
         return out.to(torch.get_autocast_dtype("cpu"))
+    if mask is not None and mask.is_floating_point():  # an additive mask in q's dtype
+        mask = mask.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                           is_causal=is_causal)
 
 
 def explicit_attention(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout_p: float = 0.0
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout_p: float = 0.0,
+    bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The seed's steps 2-6, one line each. q (B,h,Tq,d_k), k/v (B,h,Tk,d_k)."""
+    """The seed's steps 2-6, one line each. q (B,h,Tq,d_k), k/v (B,h,Tk,d_k); ``bias``
+    (h, Tq, Tk) is added to the scaled scores (ALiBi)."""
     scores = q @ k.transpose(-2, -1)  # step 2: q . k for every pair, (B, h, Tq, Tk)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))  # step 3: optional mask
     scores = scores / math.sqrt(q.size(-1))  # step 4: scale by 1/sqrt(d_k), section 3.2.1
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
     weights = scores.softmax(dim=-1)  # step 5: a distribution over the keys of each query
     attended = F.dropout(weights, p=dropout_p) @ v  # step 6: weighted sum of the values
     return attended, weights

@@ -12,6 +12,12 @@ plain data (dicts, lists, strings, numbers) only. A checkpoint of format 1 also 
 RNG state, read through ``legacy_globals()``; a file that needs anything else is refused.
 A folder written by ``scripts/export.py`` (``transformer/export.py``) reads like a
 checkpoint that holds weights only.
+
+Building the model runs code too: the config names the classes of the model's parts
+(``model.attention._target_``, ...). ``load_checkpoint`` builds classes of ``transformer``
+and ``torch.nn`` only, and of the modules a caller trusts by name (``trust_modules``);
+a config of a checkpoint written before the parts were config groups
+(``positional: sinusoidal``, ``activation: relu``) is read as the entries of those names.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import pickle
 import re
 import shutil
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -144,7 +151,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
         from transformer.export import is_export, read_export
 
         if is_export(path):
-            return read_export(path)
+            return upgrade_config(read_export(path))
         path = path / "checkpoints" / "checkpoint_last.pt" if (path / "checkpoints").is_dir() \
             else path / "checkpoint_last.pt"
     if not path.is_file():
@@ -161,6 +168,17 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
     if state["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{path} has format {state['format_version']}; this code reads "
                               f"up to {FORMAT_VERSION}: update the code")
+    return upgrade_config(state)
+
+
+def upgrade_config(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with its config's model section in the current form (the parts as config
+    entries): what every reader of a checkpoint, old or new, then sees."""
+    from transformer.components import upgrade_model_config
+
+    config = state.get("config")
+    if isinstance(config, dict) and isinstance(config.get("model"), dict):
+        state["config"] = {**config, "model": upgrade_model_config(config["model"])}
     return state
 
 
@@ -328,19 +346,21 @@ def check_compatible(path: Path, weights: dict, reference_path: Path, reference:
 
 
 def load_checkpoint(path: str | Path | dict[str, Any], device: str | torch.device = "cpu",
-                    name: str = "the averaged checkpoint"):
+                    name: str = "the averaged checkpoint", trust_modules: Sequence[str] = ()):
     """``model, tokenizer, cfg = load_checkpoint(path)``: a model in eval mode on ``device``,
     the tokenizer (encodes the source, decodes the target) and the training config.
     ``path`` may also be a checkpoint already in memory (``average_checkpoints``'s), which
-    error messages call ``name``."""
+    error messages call ``name``. The model's parts may be classes of ``transformer`` and
+    ``torch.nn``, and of the modules named in ``trust_modules`` (their code runs as they are
+    imported): a CheckpointError names any other class, and one that cannot be imported."""
     from omegaconf import OmegaConf
 
-    from transformer.config import TrainConfig
+    from transformer.config import ConfigError, TrainConfig
     from transformer.export import is_export
     from transformer.model import build_model
 
     if isinstance(path, dict):
-        state, path = path, name
+        state, path = upgrade_config(path), name
     else:
         state = read_checkpoint(path)
     exported = is_export(Path(path))  # its config and sizes are in config.json: name it
@@ -352,8 +372,11 @@ def load_checkpoint(path: str | Path | dict[str, Any], device: str | torch.devic
                               f"{one_line(error)}") from error
     vocab = state["vocab_size"]
     try:
-        model = build_model(OmegaConf.to_object(cfg.model), vocab["src"], vocab["tgt"])
+        model = build_model(OmegaConf.to_object(cfg.model), vocab["src"], vocab["tgt"],
+                            trusted=trust_modules)
         model.load_state_dict(state["model"])
+    except ConfigError as error:  # a part's class not trusted, not importable, or refusing
+        raise CheckpointError(f"{source}: {error}") from None
     except (RuntimeError, ValueError) as error:
         what = ("does not match the weights in model.safetensors" if exported
                 else "does not match the model code")

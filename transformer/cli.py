@@ -36,6 +36,7 @@ from omegaconf.errors import (
 )
 
 from transformer.checkpoint import CheckpointError
+from transformer.components import PARTS
 from transformer.config import ConfigError
 from transformer.data import DataError
 
@@ -119,6 +120,10 @@ def dotted_keys(node: DictConfig, prefix: str = "") -> list[str]:
 
 def unknown_key(key: str, known: list[str]) -> str:
     """``trainer.max_step is not a config key; did you mean trainer.max_steps?``"""
+    part = part_of(key)
+    if part and key != part:  # a key below a model part's entry: an argument of its class
+        return (f"{key} is not a key of the {part} entry; +{key}=... adds it, if its class "
+                "takes that argument")
     leaf = key.rpartition(".")[2]
     same_leaf = [name for name in known if name.rpartition(".")[2] == leaf]  # trainer.lr
     closest = same_leaf or difflib.get_close_matches(key, known, n=1)
@@ -148,8 +153,16 @@ def describe(error: Exception, known: list[str]) -> str:
     if isinstance(cause, MissingMandatoryValue) and key:
         return f"{key} has no value: add {key}=... to the command line"
     if isinstance(cause, OmegaConfBaseException) and key:
-        return f"{key}: {first_lines(str(cause))}"
+        hint = f" (pick an entry: {part_of(key).replace('.', '/')}=NAME)" if part_of(key) == key \
+            else ""
+        return f"{key}: {first_lines(str(cause))}{hint}"
     return first_lines(str(error))
+
+
+def part_of(key: str) -> str | None:
+    """``model.ffn`` for ``model.ffn`` and the keys below it; None for other keys."""
+    parts = [f"model.{part}" for part in PARTS]
+    return next((part for part in parts if key == part or key.startswith(f"{part}.")), None)
 
 
 def first_lines(message: str) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -35,8 +35,13 @@ class ModelConfig:
     token_dropout: float = 0.0  # drop whole source and target token embeddings (word dropout)
     norm_first: bool = False  # False: the paper's post-norm
     share_embeddings: str = "none"  # none | decoder | all
-    activation: str = "relu"  # relu | gelu | silu
-    positional: str = "sinusoidal"  # sinusoidal | sinusoidal_concat (Marian's) | learned
+    # The parts: entries of the config groups model/attention, model/positional, model/norm
+    # and model/ffn, each naming its class ({_target_, _partial_: true, arguments});
+    # None: the paper's (train.yaml picks those groups' defaults). transformer/components.py
+    attention: dict[str, Any] | None = None
+    positional: dict[str, Any] | None = None
+    norm: dict[str, Any] | None = None
+    ffn: dict[str, Any] | None = None
     max_len: int = 1024
     pad_id: int = 0
     scale_embedding: bool = True  # multiply embeddings by sqrt(d_model), section 3.4
@@ -171,6 +176,9 @@ class EvalConfig:
     data_root: str | None = None  # overrides the checkpoint's data.root
     output_dir: str | None = None  # None: translations/ in the checkpoint's run directory
     scores_file: str | None = None  # also write the scores of every split here, as JSON
+    # Modules whose classes the checkpoint's model parts may be, besides transformer's and
+    # torch.nn's: importing one runs its code (docs/extending.md). E.g. [my_pkg]
+    trust_modules: list[str] = field(default_factory=list)
 
 
 class ConfigError(ValueError):
@@ -179,8 +187,6 @@ class ConfigError(ValueError):
 
 CHOICES = {
     "model.share_embeddings": ("none", "decoder", "all"),
-    "model.activation": ("relu", "gelu", "silu"),
-    "model.positional": ("sinusoidal", "sinusoidal_concat", "learned"),
     "data.source": ("multi30k", "parallel_files", "hub"),
     "optim.name": ("adamw", "adam"),
     "sched.name": ("inverse_sqrt", "cosine", "constant"),
@@ -250,6 +256,18 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"data.max_len={cfg.data.max_len} (+2 for <s> and </s>) exceeds "
                           f"model.max_len={cfg.model.max_len}")
     check_file_pattern(cfg.data.file_pattern)
+    check_parts(cfg.model)
+
+
+def check_parts(model: Any) -> None:
+    """Build one of each of the model's parts, with the real sizes: a class that cannot be
+    imported, a misspelt or refused argument stops here, naming its key."""
+    from omegaconf import OmegaConf
+
+    from transformer.model import build_model
+
+    model = model if isinstance(model, ModelConfig) else OmegaConf.to_object(model)
+    build_model(replace(model, n_layers=1), 8, 8)
 
 
 def check_file_pattern(pattern: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, TextIO
 
@@ -50,7 +51,7 @@ def evaluate(cfg: EvalConfig | DictConfig, stdin: IO = sys.stdin,
     device = resolve_device(cfg.device)
     precision = Precision.resolve(cfg.precision, device, training=False).name  # fails early
     model, tokenizer, train_cfg = load_models([cfg.checkpoint, *cfg.ensemble],
-                                              cfg.average_last, device)
+                                              cfg.average_last, device, cfg.trust_modules)
 
     def run(sentences: list[str], first_line: int = 1) -> list[str]:
         return translate(model, tokenizer, sentences, beam=cfg.beam, lenpen=cfg.lenpen,
@@ -80,12 +81,14 @@ def evaluate(cfg: EvalConfig | DictConfig, stdin: IO = sys.stdin,
     return scores
 
 
-def load_models(checkpoints: list[str], average_last: int, device: torch.device
+def load_models(checkpoints: list[str], average_last: int, device: torch.device,
+                trust_modules: Sequence[str] = ()
                 ) -> tuple[Transformer | Ensemble, Any, DictConfig]:
     """-> the model (an ``Ensemble`` of several), the tokenizer and the training config of
     the first. Each of ``checkpoints`` is a file, or with ``average_last`` > 1 a run
     directory whose newest checkpoints are averaged. The members of an ensemble must
-    translate the same direction with the same tokenizer."""
+    translate the same direction with the same tokenizer. ``trust_modules``: modules
+    outside ``transformer`` whose classes the checkpoints' model parts may be."""
     models = []
     for checkpoint in checkpoints:
         if average_last > 1:
@@ -97,7 +100,8 @@ def load_models(checkpoints: list[str], average_last: int, device: torch.device
         else:
             state, name = read_checkpoint(checkpoint), checkpoint
             log.info("loaded %s on %s", checkpoint, device)
-        model, member_tokenizer, member_cfg = load_checkpoint(state, device, name)
+        model, member_tokenizer, member_cfg = load_checkpoint(state, device, name,
+                                                              trust_modules)
         if not models:  # the first: the others must match it
             tokenizer, train_cfg, stored_tokenizer, first = (
                 member_tokenizer, member_cfg, state["tokenizer"], name)

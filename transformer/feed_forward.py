@@ -2,6 +2,7 @@
 
 The same two-layer network is applied to every position (the seed's "pass each of n
 vectors, in parallel, into the exact same NN"); each layer of the model has its own.
+The gated variant SwiGLU is in ``swiglu.py``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 ``load_checkpoint``, ``evaluate.py`` and ``translate`` use it like one of ours.
 
 Marian is the paper's post-norm Transformer with a few switches, all ``ModelConfig``
-options here: sinusoids laid out [sines | cosines] (``positional=sinusoidal_concat``),
+options here: sinusoids laid out [sines | cosines] (``model/positional=sinusoidal_concat``),
 unscaled embeddings (``scale_embedding``), a bias on the logits (``output_bias``) and its
 own choice of shared embeddings.
 
@@ -34,6 +34,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
+from transformer.components import entry
 from transformer.config import DataConfig, ModelConfig, TrainConfig, TrainerConfig
 from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID
 
@@ -87,7 +88,8 @@ def model_config(config: dict[str, Any]) -> ModelConfig:
         attention_dropout=config["attention_dropout"],
         activation_dropout=config["activation_dropout"],
         norm_first=False, share_embeddings=share_embeddings(config),
-        activation=ACTIVATIONS[activation], positional="sinusoidal_concat",
+        attention=entry("attention", "mha"), positional=entry("positional", "sinusoidal_concat"),
+        norm=entry("norm", "layernorm"), ffn=entry("ffn", ACTIVATIONS[activation]),
         max_len=config["max_position_embeddings"], pad_id=PAD_ID,
         scale_embedding=config["scale_embedding"], output_bias=True)
 

@@ -7,20 +7,25 @@ The seed's loop maps onto three calls: ``encode`` runs the encoder ONCE over the
 far (steps 2-3), and beam search repeats it (step 4). With a ``DecoderCache`` from
 ``new_cache()``, each ``decode`` call is given only the newest token(s) and reuses the
 keys/values of earlier positions, so a step costs only the new work.
+
+The parts (attention, positions, norm, feed-forward) come in as factories, called with
+the sizes: ``build_model`` makes them from the config groups ``model/attention``,
+``model/positional``, ``model/norm`` and ``model/ffn`` (``transformer/components.py``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from torch import Tensor, nn
 
 from transformer.attention import MultiHeadAttention, check_dropout
+from transformer.components import PARTS, factory
 from transformer.config import ModelConfig
 from transformer.dropout import TokenDropout
-from transformer.feed_forward import ACTIVATIONS, FeedForward
+from transformer.feed_forward import FeedForward
 from transformer.layers import DecoderLayer, EncoderLayer, LayerCache
 from transformer.positional import PositionalEncoding
 
@@ -32,7 +37,7 @@ class Embedding(nn.Module):
     unscaled, as some imported models expect), then positions (3.5). ``token_dropout``
     drops whole token vectors in training, before the positions are added."""
 
-    def __init__(self, vocab_size: int, d_model: int, pad_id: int, positions: PositionalEncoding,
+    def __init__(self, vocab_size: int, d_model: int, pad_id: int, positions: nn.Module,
                  scale: bool = True, token_dropout: float = 0.0):
         super().__init__()
         self.tokens = nn.Embedding(vocab_size, d_model, padding_idx=pad_id)
@@ -66,13 +71,16 @@ class DecoderCache:
         self.length = 0  # target positions already decoded
 
     def reorder(self, index: Tensor, cross_attention: bool = True) -> None:
-        """Keep rows ``index`` (B_new,) of the batch, e.g. the surviving beams.
-        ``cross_attention=False`` leaves the encoder keys/values alone: right when rows
-        move only among the beams of one sentence, which share them."""
+        """Keep rows ``index`` (B_new,) of the batch, e.g. the surviving beams: of every
+        tensor an attention module keeps in its cache. ``cross_attention=False`` leaves the
+        encoder keys/values alone: right when rows move only among the beams of one
+        sentence, which share them."""
         for layer in self.layers:
-            for name, value in vars(layer).items():
-                if value is not None and (cross_attention or name.startswith("self_")):
-                    setattr(layer, name, value.index_select(0, index))
+            for cache in (layer.self_attn, layer.cross_attn) if cross_attention \
+                    else (layer.self_attn,):
+                for name, value in vars(cache).items():
+                    if isinstance(value, Tensor):
+                        setattr(cache, name, value.index_select(0, index))
 
 
 class Decoder(nn.Module):
@@ -107,42 +115,55 @@ class Transformer(nn.Module):
         share_embeddings: str = "none",
         pad_id: int = 0,
         max_len: int = 1024,
-        activation: str = "relu",
-        positional: str = "sinusoidal",
         attention_dropout: float = 0.0,
         activation_dropout: float = 0.0,
         scale_embedding: bool = True,
         output_bias: bool = False,
         token_dropout: float = 0.0,
+        attention: Callable[..., nn.Module] = MultiHeadAttention,
+        positional: Callable[..., nn.Module] = PositionalEncoding,
+        norm: Callable[[int], nn.Module] = nn.LayerNorm,
+        feed_forward: Callable[..., nn.Module] = FeedForward,
     ):
+        """``attention``, ``positional``, ``norm`` and ``feed_forward`` build a part from
+        the sizes (``transformer/components.py`` lists the calls); the defaults are the
+        paper's."""
         super().__init__()
         check_arguments(src_vocab_size, tgt_vocab_size, d_model, n_heads, dropout,
-                        share_embeddings, activation)
+                        share_embeddings)
         check_dropout("token_dropout", token_dropout)
         self.pad_id, self.d_model = pad_id, d_model
 
-        def attention() -> MultiHeadAttention:
-            return MultiHeadAttention(d_model, n_heads, attention_dropout)
+        def self_attention(positions: nn.Module) -> nn.Module:
+            if getattr(positions, "in_attention", False):  # RoPE, ALiBi: positions act here
+                return attention(d_model, n_heads, attention_dropout, positions=positions)
+            return attention(d_model, n_heads, attention_dropout)
 
-        def feed_forward() -> FeedForward:
-            return FeedForward(d_model, d_ff, activation_dropout, activation)
+        def cross_attention() -> nn.Module:  # no positions across the two sequences
+            return attention(d_model, n_heads, attention_dropout)
 
-        def final_norm() -> nn.Module:  # pre-norm stacks end with a LayerNorm
-            return nn.LayerNorm(d_model) if norm_first else nn.Identity()
+        def ffn() -> nn.Module:
+            return feed_forward(d_model, d_ff, activation_dropout)
+
+        def final_norm() -> nn.Module:  # pre-norm stacks end with a norm
+            return norm(d_model) if norm_first else nn.Identity()
 
         def embedding(vocab_size: int) -> Embedding:
-            positions = PositionalEncoding(d_model, max_len, dropout, positional)
+            positions = positional(d_model, max_len, dropout)
             return Embedding(vocab_size, d_model, pad_id, positions, scale_embedding,
                              token_dropout)
 
         src_embedding, tgt_embedding = embedding(src_vocab_size), embedding(tgt_vocab_size)
         if share_embeddings == "all":
             tgt_embedding.tokens = src_embedding.tokens
+        src_positions, tgt_positions = src_embedding.positions, tgt_embedding.positions
         self.encoder = Encoder(src_embedding, [
-            EncoderLayer(d_model, attention(), feed_forward(), dropout, norm_first)
+            EncoderLayer(d_model, self_attention(src_positions), ffn(), dropout, norm_first,
+                         norm)
             for _ in range(n_encoder_layers)], final_norm())
         self.decoder = Decoder(tgt_embedding, [
-            DecoderLayer(d_model, attention(), attention(), feed_forward(), dropout, norm_first)
+            DecoderLayer(d_model, self_attention(tgt_positions), cross_attention(), ffn(),
+                         dropout, norm_first, norm)
             for _ in range(n_decoder_layers)], final_norm())
         # output_bias: a bias on the logits (Marian's final_logits_bias), off in the paper.
         self.output_projection = nn.Linear(d_model, tgt_vocab_size, bias=output_bias)
@@ -200,23 +221,28 @@ def attention_mask(padding_mask: Tensor) -> Tensor:
 
 
 def check_arguments(src_vocab_size: int, tgt_vocab_size: int, d_model: int, n_heads: int,
-                    dropout: float, share_embeddings: str, activation: str) -> None:
+                    dropout: float, share_embeddings: str) -> None:
     if d_model % n_heads != 0:
         raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
     check_dropout("dropout", dropout)
     if share_embeddings not in SHARE_EMBEDDINGS:
         raise ValueError(
             f"share_embeddings={share_embeddings!r} is not one of {list(SHARE_EMBEDDINGS)}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation={activation!r} is not one of {sorted(ACTIVATIONS)}")
     if share_embeddings == "all" and src_vocab_size != tgt_vocab_size:
         raise ValueError(
             f"share_embeddings='all' needs one vocabulary, got src_vocab_size={src_vocab_size} "
             f"and tgt_vocab_size={tgt_vocab_size}")
 
 
-def build_model(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) -> Transformer:
-    """The factory: a ``Transformer`` from the ``model`` config group."""
+def build_model(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int,
+                trusted: Sequence[str] | None = None) -> Transformer:
+    """The factory: a ``Transformer`` from the ``model`` config group. Its parts come from
+    their entries (None: the paper's); ``trusted``: see ``components.factory`` (a
+    checkpoint's config names classes of trusted modules only)."""
+    parts = {name: factory(getattr(cfg, name), f"model.{name}", trusted)
+             for name in PARTS if getattr(cfg, name) is not None}
+    if "ffn" in parts:  # the config group's short name; Transformer's argument's long one
+        parts["feed_forward"] = parts.pop("ffn")
     n_encoder_layers = cfg.n_layers if cfg.n_layers is not None else cfg.n_encoder_layers
     n_decoder_layers = cfg.n_layers if cfg.n_layers is not None else cfg.n_decoder_layers
     return Transformer(
@@ -225,17 +251,17 @@ def build_model(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) -> T
         n_encoder_layers=n_encoder_layers, n_decoder_layers=n_decoder_layers,
         d_ff=cfg.d_ff, dropout=cfg.dropout, norm_first=cfg.norm_first,
         share_embeddings=cfg.share_embeddings, pad_id=cfg.pad_id, max_len=cfg.max_len,
-        activation=cfg.activation, positional=cfg.positional,
         attention_dropout=cfg.attention_dropout, activation_dropout=cfg.activation_dropout,
         scale_embedding=cfg.scale_embedding, output_bias=cfg.output_bias,
-        token_dropout=cfg.token_dropout,
+        token_dropout=cfg.token_dropout, **parts,
     )
 
 
 @contextmanager
 def keep_attention_weights(model: nn.Module) -> Iterator[dict[str, MultiHeadAttention]]:
     """Within the block, every attention module keeps its last weights (B, h, Tq, Tk) in
-    ``.last_weights``; yields the modules by name (``encoder.layers.0.self_attn``, ...)."""
+    ``.last_weights``; yields the modules by name (``encoder.layers.0.self_attn``, ...).
+    Modules of ``model/attention`` entries that are not MultiHeadAttentions are left out."""
     modules = {n: m for n, m in model.named_modules() if isinstance(m, MultiHeadAttention)}
     for module in modules.values():
         module.keep_weights = True

@@ -4,6 +4,8 @@ Attention has no notion of order, so each position's vector gets a position-depe
 vector added to it: the paper's fixed sinusoids, or a learned table (``kind="learned"``).
 ``kind="sinusoidal_concat"`` holds the same sinusoids with every sine first and every
 cosine after them (tensor2tensor's and Marian's layout, needed to import OPUS-MT models).
+Positions that act inside attention instead of being added here: ``rotary.py`` (RoPE) and
+``alibi.py`` (ALiBi).
 """
 
 from __future__ import annotations

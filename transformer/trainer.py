@@ -35,6 +35,7 @@ from transformer.checkpoint import (
     tokenizer_entry,
     write_checkpoints,
 )
+from transformer.components import check_fine_tuning_parts, modules_to_trust
 from transformer.config import ConfigError, DataConfig, ModelConfig, TrainerConfig
 from transformer.config import validate as validate_config
 from transformer.data import (
@@ -458,7 +459,9 @@ def evaluate_command(run: Run) -> str:
     else:  # the best by validation, or the last when no validation ran
         name = "checkpoint_best.pt" if run.state.best is not None else "checkpoint_last.pt"
         checkpoint = f"checkpoint={run.checkpoint_dir / name}"
-    return f"python evaluate.py {checkpoint} beam={test.beam} lenpen={test.lenpen}"
+    trust = modules_to_trust(run.cfg.model)  # the model's parts from outside the package
+    trust = f" trust_modules=[{','.join(trust)}]" if trust else ""
+    return f"python evaluate.py {checkpoint} beam={test.beam} lenpen={test.lenpen}{trust}"
 
 
 def finished(run: Run) -> bool:
@@ -798,6 +801,7 @@ def find_start(cfg: TrainerConfig, run_dir: Path
 def adopt_architecture(cfg: DictConfig, model_cfg: dict[str, Any]) -> None:
     """Fine-tuning: ``cfg.model`` becomes the checkpoint's, except its dropouts, which stay
     this run's (regularisation is a training choice)."""
+    check_fine_tuning_parts(model_cfg, cfg.model)  # its parts' code, before importing it
     mine = {key: cfg.model[key] for key in ("dropout", "attention_dropout", "activation_dropout",
                                             "token_dropout")}
     cfg.model = OmegaConf.merge(OmegaConf.structured(ModelConfig), model_cfg, mine)
