@@ -333,8 +333,9 @@ def test_one_training_step_moves_every_parameter(part, name):
     scheduler = build_scheduler(optimizer, SchedConfig(name="constant", warmup_steps=0), 10)
     precision = Precision.resolve("fp32", torch.device("cpu"))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    output = train_step(model, [batch], optimizer, scheduler, precision.grad_scaler(),
-                        precision, clip_norm=1.0, label_smoothing=0.1)
+    output = train_step(model, [batch], optimizer, precision.grad_scaler(), precision,
+                        clip_norm=1.0, label_smoothing=0.1)
+    scheduler.step()
     assert torch.isfinite(output.loss_sum) and bool(output.finite)
     for parameter_name, parameter in model.named_parameters():
         assert not torch.equal(parameter, before[parameter_name]), parameter_name

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from transformer import components
 from transformer.config import ConfigError, ModelConfig, OptimConfig, SchedConfig
 from transformer.loss import label_smoothed_cross_entropy, rdrop_cross_entropy
 from transformer.model import build_model
@@ -114,7 +115,8 @@ def exempt_by_name(name: str) -> bool:
 
 
 @pytest.mark.parametrize("changes", [
-    {}, {"share_embeddings": "all", "norm_first": True, "positional": "learned"},
+    {}, {"share_embeddings": "all", "norm_first": True,
+         "positional": components.entry("positional", "learned")},
     {"share_embeddings": "none"}], ids=["tiny", "tied-prenorm-learned", "untied"])
 def test_weight_decay_spares_biases_norms_and_embeddings(changes):
     model = tiny_model(**changes)
