@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from transformer.config import DataConfig
 
@@ -77,6 +78,23 @@ def make_toy_pairs(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
 def toy_pairs() -> Callable[..., tuple[list[str], list[str]]]:
     """``toy_pairs(n, seed=0)``: n made-up English-German sentence pairs."""
     return make_toy_pairs
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures(...)``), as
+    the train.py subprocesses there get with OMP_NUM_THREADS=1: the same float sums in every
+    run of a comparison, and no oversubscription of CI's two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data cache folder shared by one module's tests."""
+    return tmp_path_factory.mktemp("data_cache")
 
 
 @pytest.fixture(scope="session")

@@ -65,19 +65,7 @@ MAX_STEPS = 40  # seven epochs of the toy corpus (six batches each), about 25 ms
 CURVES = ("train/loss", "train/nll_loss", "train/lr", "train/grad_norm")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread, as the train.py subprocesses here get (OMP_NUM_THREADS=1): the
-    same float sums in both, and no oversubscription of CI's two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("data_cache")
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def run_overrides(corpus: Path, cache: Path, max_steps: int, *extra: str) -> list[str]:

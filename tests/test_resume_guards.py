@@ -43,19 +43,7 @@ from transformer.trainer import train
 INTERRUPTED, FINAL = 8, 12  # the base run stops at step 8 (epoch 1, batch 2 of 6)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: no oversubscription of CI's two cores, and the same float sums
-    in every run of a comparison."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("data_cache")
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def overrides(corpus: Path, cache: Path, max_steps: int, *extra: str) -> list[str]:

@@ -68,11 +68,6 @@ def run_overrides(corpus: Path, cache: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def trained(corpus, cache, tmp_path_factory) -> Path:
     """A run directory of 8 steps (checkpoints at 4 and 8), in fp16 so that the GradScaler
     state is not empty: every kind of entry a real checkpoint has."""
