@@ -126,6 +126,12 @@ class TrainerConfig:
     max_skipped_steps: int = 10  # consecutive non-finite steps before giving up
     overfit_batches: int = 0  # >0: train on only this many batches (debug=overfit)
     dist_timeout_s: int = 1800  # torchrun: a rank waiting longer on the others fails
+    # torchrun: ddp (a full replica per rank) | fsdp (parameters, gradients and optimizer
+    # state sharded over the ranks, FSDP2; transformer/fsdp.py)
+    strategy: str = "ddp"
+    # recompute each layer's activations in the backward instead of keeping them: less
+    # memory, about a third more compute (Transformer.set_activation_checkpointing)
+    activation_checkpointing: bool = False
 
 
 @dataclass
@@ -193,6 +199,7 @@ CHOICES = {
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.precision": ("auto", "bf16", "fp16", "fp32"),
     "trainer.best_metric": ("bleu", "loss"),
+    "trainer.strategy": ("ddp", "fsdp"),
 }
 
 

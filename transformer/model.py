@@ -19,7 +19,9 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
+import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from transformer.attention import MultiHeadAttention, check_dropout
 from transformer.components import PARTS, factory
@@ -50,16 +52,28 @@ class Embedding(nn.Module):
         return self.positions(x, offset)  # (B, T, d)
 
 
+def run_layer(layer: nn.Module, recompute: bool, *args) -> Tensor:
+    """``layer(*args)``; with ``recompute`` (activation checkpointing), and only when a
+    backward will follow (training, gradients on), the layer's inner activations are not
+    kept for the backward but recomputed there from its input: memory for one more forward
+    of the layer. ``use_reentrant=False`` keeps the RNG state, so the recomputation draws
+    the same dropout masks and the gradients are those of the plain forward."""
+    if recompute and layer.training and torch.is_grad_enabled():
+        return checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
+
+
 class Encoder(nn.Module):
     def __init__(self, embedding: Embedding, layers: list[EncoderLayer], final_norm: nn.Module):
         super().__init__()
         self.embedding, self.layers, self.final_norm = embedding, nn.ModuleList(layers), final_norm
+        self.recompute_layers = False  # activation checkpointing (set_activation_checkpointing)
 
     def forward(self, src_tokens: Tensor, src_mask: Tensor) -> Tensor:
         """src_tokens (B, S), src_mask (B, 1, 1, S) True at real tokens -> (B, S, d)."""
         x = self.embedding(src_tokens)
         for layer in self.layers:
-            x = layer(x, src_mask)
+            x = run_layer(layer, self.recompute_layers, x, src_mask)
         return self.final_norm(x)
 
 
@@ -87,6 +101,7 @@ class Decoder(nn.Module):
     def __init__(self, embedding: Embedding, layers: list[DecoderLayer], final_norm: nn.Module):
         super().__init__()
         self.embedding, self.layers, self.final_norm = embedding, nn.ModuleList(layers), final_norm
+        self.recompute_layers = False  # activation checkpointing (set_activation_checkpointing)
 
     def forward(self, tgt_tokens: Tensor, memory: Tensor, memory_mask: Tensor,
                 cache: DecoderCache | None = None) -> Tensor:
@@ -94,7 +109,10 @@ class Decoder(nn.Module):
         offset = cache.length if cache is not None else 0
         x = self.embedding(tgt_tokens, offset)
         for i, layer in enumerate(self.layers):
-            x = layer(x, memory, memory_mask, cache.layers[i] if cache is not None else None)
+            if cache is not None:  # incremental decoding: no backward, and the cache grows
+                x = layer(x, memory, memory_mask, cache.layers[i])
+            else:
+                x = run_layer(layer, self.recompute_layers, x, memory, memory_mask)
         if cache is not None:
             cache.length += tgt_tokens.size(1)
         return self.final_norm(x)
@@ -209,6 +227,12 @@ class Transformer(nn.Module):
         """The decoder's output states (B, T, d), before the output projection (a loss that
         projects chunk by chunk starts here)."""
         return self.decoder(tgt_tokens, memory, attention_mask(src_padding_mask), cache)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each encoder and decoder layer's activations in the backward instead
+        of keeping them (``run_layer``), in training only: ``trainer.activation_checkpointing``.
+        Saves most of the activation memory for about one more forward of the layers."""
+        self.encoder.recompute_layers = self.decoder.recompute_layers = enabled
 
     def new_cache(self) -> DecoderCache:
         """An empty cache for incremental ``decode`` (pass the newest token(s) each call)."""

@@ -309,6 +309,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     model = build_model(OmegaConf.to_object(cfg.model), data.src_tokenizer.vocab_size,
                         data.tgt_tokenizer.vocab_size).to(device)
     log.info("model: %s parameters", f"{count_parameters(model):,}")
+    model.set_activation_checkpointing(cfg.trainer.activation_checkpointing)
     if init_state is not None and resume_state is None:
         load_weights(model, init_state)
     if ddp.enabled:  # the same initial weights on all ranks, but different dropout masks
