@@ -37,6 +37,7 @@ import torch
 FORMAT_VERSION = 2  # 2: the RNG state is plain data, so weights-only loading reads it whole
 REQUIRED_KEYS = ("format_version", "model", "config", "tokenizer", "step")
 STEP_FILE = re.compile(r"checkpoint_(\d+)\.pt$")
+SHARDED_DIR = re.compile(r"checkpoint_(\d+)\.dcp-[0-9a-f]+$")  # transformer/fsdp.py
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,8 @@ def write_checkpoints(state: dict[str, Any], directory: Path, best: bool = False
     if best:
         link_checkpoint(numbered, numbered.with_name("checkpoint_best.pt"))
     prune_checkpoints(directory, keep_last)
+    if state.get("sharded_state"):
+        prune_sharded(directory, state["sharded_state"])
     return numbered
 
 
@@ -168,6 +171,8 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
     if state["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{path} has format {state['format_version']}; this code reads "
                               f"up to {FORMAT_VERSION}: update the code")
+    if state.get("sharded_state"):  # a sharded run's (fsdp.py): its directory lies beside it
+        state["sharded_state"] = str(path.parent / state["sharded_state"])
     return upgrade_config(state)
 
 
@@ -266,6 +271,23 @@ def prune_checkpoints(directory: Path, keep_last: int) -> None:
         old.unlink(missing_ok=True)
     for leftover in Path(directory).glob(".checkpoint_*.pt.tmp-*"):
         leftover.unlink(missing_ok=True)
+
+
+def prune_sharded(directory: Path, current: str) -> None:
+    """Remove the sharded states (``transformer/fsdp.py``) of steps whose numbered checkpoint
+    is gone, those of the step just saved that ``current`` replaces, and the temporary
+    directories of saves a kill cut short. After the new checkpoint file is on disk."""
+    kept = {step_of(path) for path in step_checkpoints(directory)}
+    current_step = int(SHARDED_DIR.search(current).group(1))
+    for path in Path(directory).glob("checkpoint_*.dcp-*"):
+        found = SHARDED_DIR.search(path.name)
+        if found is None or path.name == current:
+            continue
+        step = int(found.group(1))
+        if step not in kept or step == current_step:
+            shutil.rmtree(path, ignore_errors=True)
+    for leftover in Path(directory).glob(".checkpoint_*.dcp-*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def latest_valid_checkpoint(directory: Path) -> tuple[Path, dict[str, Any]] | None:

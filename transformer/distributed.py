@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 log = logging.getLogger("transformer")
@@ -156,16 +157,24 @@ class LossModule(nn.Module):
         return self.loss_fn(self.model, batch, self.label_smoothing)
 
 
-def wrap_for_training(model: nn.Module, loss_fn, label_smoothing: float, ddp: Distributed
-                      ) -> nn.Module:
-    """The module the training step calls: ``(loss sum, nll sum) = module(batch)``, wrapped
-    in DistributedDataParallel when there are several ranks. Validation, decoding and
-    checkpoints keep using the bare ``model`` (its state_dict has no ``module.`` prefix)."""
+def wrap_for_training(model: nn.Module, loss_fn, label_smoothing: float, ddp: Distributed,
+                      strategy: str = "ddp") -> nn.Module:
+    """The module the training step calls: ``(loss sum, nll sum) = module(batch)``. With
+    several ranks, ``strategy`` ddp wraps it in DistributedDataParallel; fsdp shards the
+    model's parameters over the ranks in place (``transformer/fsdp.py``): build the
+    optimizer after this. Validation, decoding and checkpoints keep using the bare
+    ``model`` (its state_dict has no ``module.`` prefix)."""
     module = LossModule(model, loss_fn, label_smoothing)
+    if not ddp.enabled:
+        return module
+    if strategy == "fsdp":
+        from transformer.fsdp import shard
+
+        return shard(module, next(model.parameters()).device, ddp.world_size)
     # device_ids=None: batches are already on this rank's device, so DDP need not move them.
     # No buffer sync before each forward: the only buffers are the sinusoid tables, constant
     # and the same on every rank; DDP would otherwise send rank 0's every time.
-    return DistributedDataParallel(module, **{NO_BUFFER_SYNC: False}) if ddp.enabled else module
+    return DistributedDataParallel(module, **{NO_BUFFER_SYNC: False})
 
 
 # broadcast_buffers was renamed forward_sync_buffers (torch 2.13), with a warning for the old name.
@@ -176,16 +185,20 @@ NO_BUFFER_SYNC = ("forward_sync_buffers" if "forward_sync_buffers" in
 
 def gradient_sync(module: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
     """``module.no_sync()`` on the micro-batches before the last of a step: gradients
-    accumulate locally and are all-reduced once, in the last backward."""
+    accumulate locally and are all-reduced once, in the last backward. FSDP reduce-scatters
+    in every backward: skipping it would keep each rank's whole unsharded gradient."""
     if sync or not isinstance(module, DistributedDataParallel):
         return contextlib.nullcontext()
     return module.no_sync()
 
 
 def parameter_checksum(model: nn.Module) -> str:
-    """A short hash of all parameter bytes: equal on every rank while DDP keeps them in step."""
+    """A short hash of all parameter bytes: equal on every rank while DDP keeps them in step.
+    Sharded parameters (FSDP) are gathered whole first, on every rank in the same order."""
     digest = hashlib.sha256()
     for tensor in model.state_dict().values():
+        if isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor()
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 

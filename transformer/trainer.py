@@ -66,6 +66,7 @@ from transformer.distributed import (
     sum_over_ranks,
     wrap_for_training,
 )
+from transformer.fsdp import full_parameters, load_sharded, save_sharded
 from transformer.logging import NullLogger, TensorBoardLogger
 from transformer.loss import (
     label_smoothed_cross_entropy,
@@ -314,17 +315,20 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
         load_weights(model, init_state)
     if ddp.enabled:  # the same initial weights on all ranks, but different dropout masks
         seed_everything(cfg.trainer.seed + ddp.rank)
-    optimizer = build_optimizer(model, cfg.optim, device)
-    scheduler = build_scheduler(optimizer, cfg.sched, cfg.trainer.max_steps)
     # Compiling the loss function compiles forward, loss and backward of the model together.
     loss_fn = choose_loss_fn(device, cfg.trainer.compile, cfg.trainer.rdrop_alpha)
     loss_fn = torch.compile(loss_fn) if cfg.trainer.compile else loss_fn
+    # Before the optimizer is built: FSDP replaces the parameters with sharded ones.
+    train_module = wrap_for_training(model, loss_fn, cfg.trainer.label_smoothing, ddp,
+                                     cfg.trainer.strategy)
+    optimizer = build_optimizer(model, cfg.optim, device)
+    scheduler = build_scheduler(optimizer, cfg.sched, cfg.trainer.max_steps)
     run = Run(cfg, run_dir, device, precision, data, model, loss_fn, optimizer, scheduler,
-              precision.grad_scaler(), NullLogger(), ddp=ddp, fingerprint=fingerprint)
+              precision.grad_scaler(), NullLogger(), ddp=ddp, train_module=train_module,
+              fingerprint=fingerprint)
     if resume_state is not None:
         restore(run, resume_state, changes)
         run.saved_step = run.state.step
-    run.train_module = wrap_for_training(model, loss_fn, cfg.trainer.label_smoothing, ddp)
     if device.type == "cuda":
         run.flops_per_token = measure_flops_per_token(run)
     if cfg.logger.tensorboard and ddp.is_main:
@@ -645,7 +649,7 @@ def validate(run: Run) -> dict[str, float]:
     (or trainer.val_beam) translations; examples and attention maps to TensorBoard. Under
     DDP each rank takes every world_size-th batch and sentence on the bare model; the sums
     (loss, tokens, BLEU's n-gram counts) are added over ranks: the whole split's metrics."""
-    with evaluating(run.model):
+    with evaluating(run.model), full_parameters(run.train_module):  # FSDP: gathered whole
         return validation_metrics(run, run.data.splits[run.cfg.data.valid_split])
 
 
@@ -742,8 +746,11 @@ def save(run: Run, best: bool = False) -> None:
     hands over its RNG state, so that a resume restores all ranks' dropout streams."""
     rngs = gather(rng_state(), run.ddp)
     run.saved_step = run.state.step
+    # FSDP: every rank writes its shards; rank 0 gets the full weights (None: not sharded).
+    sharded = save_sharded(run.model, run.optimizer, run.checkpoint_dir, run.state.step,
+                           run.ddp)
     if run.ddp.is_main:
-        write_checkpoints(checkpoint_state(run, rngs), run.checkpoint_dir, best,
+        write_checkpoints(checkpoint_state(run, rngs, sharded), run.checkpoint_dir, best,
                           run.cfg.trainer.keep_last)
     # Once save returns on any rank the checkpoint is on disk: a rank that dies later (and
     # takes the job down with it) cannot cut rank 0's writing short. The others would wait
@@ -751,13 +758,15 @@ def save(run: Run, best: bool = False) -> None:
     barrier(run.ddp)
 
 
-def checkpoint_state(run: Run, rngs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """What a checkpoint holds; ``rngs``: each rank's RNG state (default: this process's)."""
+def checkpoint_state(run: Run, rngs: list[dict[str, Any]] | None = None,
+                     sharded: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a checkpoint holds; ``rngs``: each rank's RNG state (default: this process's);
+    ``sharded``: ``save_sharded``'s entries, in place of the model and optimizer state."""
     data = run.data
     rngs = rngs or [rng_state()]
     return {
-        "model": run.model.state_dict(),  # the bare model: no DDP "module." prefix
-        "optimizer": run.optimizer.state_dict(),
+        **(sharded or {"model": run.model.state_dict(),  # the bare model: no "module."
+                       "optimizer": run.optimizer.state_dict()}),
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict(),
         "step": run.state.step,
@@ -845,15 +854,16 @@ def restore(run: Run, checkpoint: dict[str, Any], changes: Sequence[str] = ()) -
     """The checkpoint's whole training state into ``run``. ``changes``: what of the data
     order ``trainer.reset_dataloader`` accepted (``data_order_changes``); then the current
     epoch restarts at its first batch."""
-    load_weights(run.model, checkpoint)
-    try:
-        run.optimizer.load_state_dict(checkpoint["optimizer"])
-    except ValueError as error:  # other parameter groups (weight decay and optim.no_decay)
-        raise CheckpointError(
-            f"the checkpoint's optimizer state does not fit this run's parameter groups "
-            f"({error}): resume with the optim.weight_decay and optim.no_decay it was "
-            "trained with (optim.no_decay=[] for a run from before that key existed)"
-        ) from None
+    if not load_sharded(run.model, run.optimizer, checkpoint):  # else an FSDP run's
+        load_weights(run.model, checkpoint)
+        try:
+            run.optimizer.load_state_dict(checkpoint["optimizer"])
+        except ValueError as error:  # other parameter groups (weight decay, optim.no_decay)
+            raise CheckpointError(
+                f"the checkpoint's optimizer state does not fit this run's parameter groups "
+                f"({error}): resume with the optim.weight_decay and optim.no_decay it was "
+                "trained with (optim.no_decay=[] for a run from before that key existed)"
+            ) from None
     run.scheduler.load_state_dict(checkpoint["scheduler"])
     run.scaler.load_state_dict(checkpoint["scaler"])
     run.state = TrainState(**checkpoint["train_state"])
