@@ -361,3 +361,23 @@ def allocated_bytes() -> int:
     libc.mallinfo2.restype = MallInfo2
     info = libc.mallinfo2()
     return info.uordblks + info.hblkhd
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_activation_checkpointing_lowers_the_peak_cuda_memory():
+    peaks = []
+    for recompute in (False, True):
+        model = tiny(d_model=256, n_heads=4, n_encoder_layers=4, n_decoder_layers=4,
+                     d_ff=1024, dropout=0.1).train().cuda()
+        model.set_activation_checkpointing(recompute)
+        src = torch.randint(1, 23, (64, 64), device="cuda")
+        tgt = torch.randint(1, 29, (64, 64), device="cuda")
+        model(src, tgt).float().logsumexp(-1).sum().backward()  # warm-up
+        model.zero_grad(set_to_none=False)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        model(src, tgt).float().logsumexp(-1).sum().backward()
+        peaks.append(torch.cuda.max_memory_allocated())
+        del model
+    assert peaks[1] < 0.6 * peaks[0], peaks

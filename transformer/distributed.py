@@ -170,7 +170,7 @@ def wrap_for_training(model: nn.Module, loss_fn, label_smoothing: float, ddp: Di
     if strategy == "fsdp":
         from transformer.fsdp import shard
 
-        return shard(module, next(model.parameters()).device, ddp.world_size)
+        return shard(module, next(model.parameters()).device)
     # device_ids=None: batches are already on this rank's device, so DDP need not move them.
     # No buffer sync before each forward: the only buffers are the sinusoid tables, constant
     # and the same on every rank; DDP would otherwise send rank 0's every time.

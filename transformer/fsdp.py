@@ -35,9 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.state_dict import (
@@ -54,12 +56,12 @@ from transformer.checkpoint import CheckpointError, UnsafeCheckpointError
 from transformer.distributed import Distributed, gather
 
 
-def shard(module: nn.Module, device: torch.device, world_size: int) -> nn.Module:
+def shard(module: nn.Module, device: torch.device) -> nn.Module:
     """``fully_shard`` each encoder and decoder layer of ``module.model``, then ``module``
     (the training module, whose forward runs the whole loss: the root's parameters, used by
     the loss's output projection too, are gathered once for it). Parameters become DTensors
     sharded over the ranks, in place: build the optimizer after this."""
-    mesh = init_device_mesh(device.type, (world_size,))
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))  # all ranks, one axis
     model = module.model
     for layer in [*model.encoder.layers, *model.decoder.layers]:
         fully_shard(layer, mesh=mesh)
@@ -124,9 +126,9 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
         if ddp.is_main:
             os.replace(tmp, final)
-    except OSError as error:
+    except (OSError, CheckpointException) as error:
         raise CheckpointError(f"could not write sharded checkpoint {final}: "
-                              f"{error.strerror or error}") from error
+                              f"{cause(error)}") from None
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                 cpu_offload=True))
     if not ddp.is_main:
@@ -152,18 +154,35 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint:
         raise CheckpointError(f"the sharded state of the checkpoint, {path}, is missing or "
                               "incomplete (removed with its numbered checkpoint?)")
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
-    try:
-        dcp.load(state, storage_reader=SafeReader(path), planner=SafePlanner())
-    except UnsafeCheckpointError:
-        raise
-    except Exception as error:  # DCP wraps every rank's failure in one CheckpointException
-        raise CheckpointError(f"could not read sharded checkpoint {path}: "
-                              f"{str(error).splitlines()[0] if str(error) else error!r}"
-                              ) from error
+    state = read_sharded({"model": model_state, "optimizer": optimizer_state}, path)
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])
     return True
+
+
+def read_sharded(state: dict[str, Any], path: Path, no_dist: bool = False) -> dict[str, Any]:
+    """``dcp.load(state, path)`` in place, through ``SafeReader`` and ``SafePlanner``; a
+    CheckpointError (UnsafeCheckpointError for code) naming the file, not DCP's report of
+    every rank's traceback."""
+    reader = SafeReader(path)
+    reader.read_metadata()  # its refusal as it is (dcp.load would report it as a string)
+    try:
+        dcp.load(state, storage_reader=reader, planner=SafePlanner(), no_dist=no_dist)
+    except CheckpointException as error:
+        failure = cause(error)
+        if isinstance(failure, CheckpointError):
+            raise failure from None
+        raise CheckpointError(f"could not read sharded checkpoint {path}: {failure}"
+                              ) from None
+    return state
+
+
+def cause(error: BaseException) -> BaseException | str:
+    """The first failing rank's exception inside DCP's CheckpointException (which derives
+    from BaseException, not Exception); an OSError's reason."""
+    if isinstance(error, CheckpointException) and error.failures:
+        error = next(iter(error.failures.values()))[0]
+    return error.strerror or error if isinstance(error, OSError) else error
 
 
 # What DCP's index (.metadata) may name: its own dataclasses, torch.Size, dtypes and
