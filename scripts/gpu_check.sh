@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU check in one call (at most about 8 minutes). Stages, chosen by STAGES (default
 # "tests eager compiled"):
-#   tests     the gpu-marked tests
+#   tests     the gpu-marked tests (FSDP2 with NCCL, activation checkpointing's peak memory, ...)
 #   eager     the gpu-base benchmark eager (lever ablations, peers, beam search)
 #   compiled  the same compiled; a short table over both benchmark runs comes last
 #   ddp       tokens/s of plain training against torchrun DDP (NCCL, world size 1)
+#   recompute peak CUDA memory and step time of the model=base step with and without
+#             activation checkpointing (scripts/activation_memory.py)
 #   recipe    scripts/search_multi30k.py: the Multi30k recipe alone (its training time),
 #             the other candidates side by side, val scores, then the winners' test sets
 # Full logs and JSON go to $OUT (default /tmp/gpu_out). On the lent GPU machine, run from
@@ -22,6 +24,7 @@ PYTHON=${PYTHON:-python3}
 PRESET=${PRESET:-gpu-base}  # PRESET=tiny: a dry run of this script anywhere
 STAGES=${STAGES:-tests eager compiled}
 DDP_ARGS=${DDP_ARGS:-model=base data.max_tokens=8192 trainer.max_steps=300}
+RECOMPUTE_ARGS=${RECOMPUTE_ARGS:---batch-size 256 --length 64 --vocab 32000 --steps 5}
 RECIPE_ARGS=${RECIPE_ARGS:---solo recipe --concurrency 6 --deadline-s 330 --candidates recipe,en_de:lr2e-3,vocab8k,en_de:drop0.2,d256}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -59,6 +62,13 @@ if wants ddp; then
     grep -o 'tok/s [0-9]*' "$OUT/$name.log" | tail -n +2 | awk -v n=$name \
       '{s += $2; k++} END {if (k) printf "%-6s %d intervals, mean %.0f target tok/s\n", n, k, s/k}'
   done | tee "$OUT/ddp.txt"
+fi
+
+# Activation checkpointing: peak CUDA memory and step time of the base step, both settings
+if wants recompute; then
+  stage recompute 240 "$PYTHON" scripts/activation_memory.py --device cuda $RECOMPUTE_ARGS \
+    --json "$OUT/recompute.json"
+  tail -n 5 "$OUT/recompute.log" | tee "$OUT/recompute.txt"
 fi
 
 # The Multi30k recipe search (scripts/search_multi30k.py)

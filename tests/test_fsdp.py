@@ -81,7 +81,10 @@ def test_fsdp_trains_like_ddp_resumes_exactly_and_gives_evaluate_its_file(corpus
     result = torchrun(["trainer.strategy=fsdp", "trainer.max_steps=4", "trainer.resume=auto",
                        f"hydra.run.dir={resumed}"], corpus, cache, tmp_path)
     assert "resumed at step 2" in result.stdout + result.stderr
-    torchrun(["trainer.strategy=fsdp", "trainer.max_steps=4", f"hydra.run.dir={whole}"],
+    # The uninterrupted run also recomputes its layers in the backward (activation
+    # checkpointing), which must not change a bit either (dropout is off).
+    torchrun(["trainer.strategy=fsdp", "trainer.max_steps=4",
+              "trainer.activation_checkpointing=true", f"hydra.run.dir={whole}"],
              corpus, cache, tmp_path)
     torchrun(["trainer.max_steps=4", f"hydra.run.dir={ddp}"], corpus, cache, tmp_path)
 
@@ -89,6 +92,7 @@ def test_fsdp_trains_like_ddp_resumes_exactly_and_gives_evaluate_its_file(corpus
             for run in (resumed, whole, ddp)}
     # Stopped and resumed through the sharded state: the uninterrupted run, bit for bit
     # (same ranks, shapes and threads).
+    assert last[whole]["config"]["trainer"]["activation_checkpointing"]
     for name, tensor in last[whole]["model"].items():
         assert torch.equal(last[resumed]["model"][name], tensor), name
     for tag in ("train/loss", "val/loss"):

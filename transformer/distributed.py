@@ -166,6 +166,8 @@ def wrap_for_training(model: nn.Module, loss_fn, label_smoothing: float, ddp: Di
     ``model`` (its state_dict has no ``module.`` prefix)."""
     module = LossModule(model, loss_fn, label_smoothing)
     if not ddp.enabled:
+        if strategy == "fsdp":
+            log.info("trainer.strategy=fsdp: one process, nothing to shard")
         return module
     if strategy == "fsdp":
         from transformer.fsdp import shard
