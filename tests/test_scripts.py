@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,18 @@ def test_benchmark_measures_every_system_at_one_precision(precision, tmp_path):
     assert all(row["tokens_per_s"] > 0 for row in rows.values())
     assert rows["ours"]["flops_per_step"] == rows["ours-native-dropout"]["flops_per_step"] > 0
     assert (tmp_path / "r.json").exists()
+
+
+@pytest.mark.slow
+def test_activation_memory_measures_both_settings_in_fresh_processes(tmp_path):
+    """scripts/activation_memory.py (the GPU check's recompute stage) on a tiny model."""
+    result = subprocess.run([sys.executable, str(REPO / "scripts/activation_memory.py"),
+                             "--model", "tiny", "--batch-size", "4", "--length", "5",
+                             "--repeats", "1", "--steps", "1", "--threads", "1",
+                             "--json", str(tmp_path / "runs.json")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = json.loads((tmp_path / "runs.json").read_text())
+    assert [run["setting"] for run in runs] == ["off", "on"]
+    assert all(run["peak"] > run["before"] > 0 and run["times"][0] > 0 for run in runs)
+    assert "checkpointing: peak" in result.stdout.splitlines()[-1]

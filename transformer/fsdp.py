@@ -221,7 +221,8 @@ class SafeReader(FileSystemReader):
     reader unpickles it unrestricted). The tensors it already reads weights-only."""
 
     def read_metadata(self, *args: Any, **kwargs: Any):
-        path = Path(self.path) / ".metadata"
+        rank = kwargs.get("rank")  # a rank's own index, from saves without collectives
+        path = Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata")
         try:
             with open(path, "rb") as f:
                 metadata = MetadataUnpickler(f, path).load()
