@@ -24,7 +24,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from transformer import data as data_module
 from transformer.config import DataConfig, register_configs
 from transformer.data import (
     Batch,
@@ -32,7 +31,9 @@ from transformer.data import (
     Ragged,
     TokenBatchSampler,
     collate,
+    corpora,
     iterate_batches,
+    prepare,
     prepare_data,
     read_lines,
 )
@@ -199,7 +200,7 @@ def test_multi30k_is_downloaded_when_no_folder_is_set(multi30k_stand_in, tmp_pat
         shutil.copy(multi30k_stand_in / url.rsplit("/", 1)[1], path)
 
     monkeypatch.delenv("MULTI30K_DIR", raising=False)
-    monkeypatch.setattr(data_module, "download", fake_download)
+    monkeypatch.setattr(corpora, "download", fake_download)
     cfg = DataConfig(test_splits=["test_2016_flickr"], vocab_size=300,
                      cache_dir=str(tmp_path / "cache"))
     for _ in range(2):  # the second run finds the files in the cache
@@ -214,7 +215,7 @@ def test_offline_without_multi30k_says_what_to_set(tmp_path, monkeypatch):
         raise urllib.error.URLError("Temporary failure in name resolution")
 
     monkeypatch.delenv("MULTI30K_DIR", raising=False)
-    monkeypatch.setattr(data_module, "download", offline)
+    monkeypatch.setattr(corpora, "download", offline)
     with pytest.raises(DataError, match=r"Multi30k not found: data.root and MULTI30K_DIR are "
                        r"not set, and downloading https://\S+/train.en.gz failed .*name "
                        r"resolution.*; set MULTI30K_DIR or data.root"):
@@ -283,8 +284,8 @@ def test_gzipped_and_plain_files_give_the_same_ids(write_corpus, tmp_path, toy_p
 
 def test_racing_writers_all_get_the_first_file(tmp_path):
     path = tmp_path / "tokenizer.json"
-    data_module._write_once(path, lambda partial: partial.write_text("first"))
-    data_module._write_once(path, lambda partial: partial.write_text("second"))
+    prepare._write_once(path, lambda partial: partial.write_text("first"))
+    prepare._write_once(path, lambda partial: partial.write_text("second"))
     assert path.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == [path.name]
 
 

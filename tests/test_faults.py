@@ -36,7 +36,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import transformer.checkpoint as checkpoint_module
-import transformer.trainer as trainer_module
+import transformer.training.loop as loop_module
+import transformer.training.step as step_module
 from tests.test_train import compose_config, scalar_values
 from transformer.checkpoint import (
     CheckpointError,
@@ -299,7 +300,7 @@ def test_sigint_between_log_lines_resumes_exactly_and_restores_the_handlers(
         if step == 7:
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(trainer_module, "maybe_inject_fault", ctrl_c_during_step_7)
+    monkeypatch.setattr(loop_module, "maybe_inject_fault", ctrl_c_during_step_7)
     overrides = run_overrides(corpus, cache, MAX_STEPS)
     handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -484,13 +485,13 @@ def inject_nan(steps: set[int], monkeypatch) -> None:
         current.update(step=step, nan=step in steps and step not in tried)
         tried.add(step)
 
-    monkeypatch.setattr(trainer_module, "maybe_inject_fault", note_step)
+    monkeypatch.setattr(loop_module, "maybe_inject_fault", note_step)
 
     def nan_loss(model, batch, label_smoothing, pad_id=0):
         loss_sum, nll_sum = batch_loss(model, batch, label_smoothing, pad_id)
         return (loss_sum * math.nan if current["nan"] else loss_sum), nll_sum
 
-    monkeypatch.setattr(trainer_module, "batch_loss", nan_loss)
+    monkeypatch.setattr(step_module, "batch_loss", nan_loss)
 
 
 def test_nan_steps_are_skipped_counted_and_training_goes_on(corpus, cache, tmp_path,
@@ -547,13 +548,13 @@ def test_fp16_grad_scaler_state_survives_resume(corpus, cache, tmp_path, monkeyp
     saved = read_checkpoint(tmp_path / "resumed" / "checkpoints" / "checkpoint_last.pt")
     # Backed off at the skipped step, then 6 applied steps (updates 3 to 8) since.
     assert saved["scaler"]["scale"] == 2.0**15 and saved["scaler"]["_growth_tracker"] == 6
-    seen, fit = {}, trainer_module.fit
+    seen, fit = {}, loop_module.fit
 
     def fit_noting_the_scaler(run) -> None:
         seen.update(run.scaler.state_dict())
         fit(run)
 
-    monkeypatch.setattr(trainer_module, "fit", fit_noting_the_scaler)
+    monkeypatch.setattr(loop_module, "fit", fit_noting_the_scaler)
     train(compose_config(run_overrides(corpus, cache, 12, *fp16, "trainer.resume=auto")),
           tmp_path / "resumed")
     assert seen == saved["scaler"]
@@ -751,7 +752,7 @@ def test_a_valid_split_without_usable_pairs_stops_the_run_before_its_first_step(
     def no_step(*args, **kwargs):
         raise AssertionError("a training step ran")
 
-    monkeypatch.setattr(trainer_module, "train_step", no_step)
+    monkeypatch.setattr(loop_module, "train_step", no_step)
     with pytest.raises(DataError, match=message):
         train(compose_config(run_overrides(corpus, cache, 4, "data.max_len=32")), tmp_path)
     assert not (tmp_path / "checkpoints").exists()

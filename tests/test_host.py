@@ -16,6 +16,7 @@ from transformer.data import prepare_data
 from transformer.logging import NullLogger
 from transformer.model import build_model
 from transformer.precision import Precision, cpu_bf16_support
+from transformer.training import host, metrics
 
 CPU = torch.device("cpu")
 
@@ -79,29 +80,29 @@ def test_the_recipes_use_auto_precision():
 def test_threads_follow_the_setting_then_the_environment_then_the_model(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    monkeypatch.setattr(trainer.os, "sched_getaffinity", lambda pid: set(range(8)),
+    monkeypatch.setattr(host.os, "sched_getaffinity", lambda pid: set(range(8)),
                         raising=False)
-    monkeypatch.setattr(trainer.os, "getloadavg", lambda: (0.2, 0.0, 0.0), raising=False)
-    assert trainer.choose_threads(3, 512)[0] == 3
-    assert trainer.choose_threads(None, 32) == (1, "model.d_model=32 < 128: too small to split")
-    assert trainer.choose_threads(None, 128)[0] == 8
+    monkeypatch.setattr(host.os, "getloadavg", lambda: (0.2, 0.0, 0.0), raising=False)
+    assert host.choose_threads(3, 512)[0] == 3
+    assert host.choose_threads(None, 32) == (1, "model.d_model=32 < 128: too small to split")
+    assert host.choose_threads(None, 128)[0] == 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's processes share the cores
-    assert trainer.choose_threads(None, 512)[0] == 2
+    assert host.choose_threads(None, 512)[0] == 2
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
-    assert trainer.choose_threads(None, 512)[0] == 1
+    assert host.choose_threads(None, 512)[0] == 1
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    monkeypatch.setattr(trainer.os, "getloadavg", lambda: (2.7, 0.0, 0.0), raising=False)
-    assert trainer.choose_threads(None, 512)[0] == 5  # three cores are someone else's
-    monkeypatch.setattr(trainer.os, "getloadavg", lambda: (30.0, 0.0, 0.0), raising=False)
-    assert trainer.choose_threads(None, 512)[0] == 1
+    monkeypatch.setattr(host.os, "getloadavg", lambda: (2.7, 0.0, 0.0), raising=False)
+    assert host.choose_threads(None, 512)[0] == 5  # three cores are someone else's
+    monkeypatch.setattr(host.os, "getloadavg", lambda: (30.0, 0.0, 0.0), raising=False)
+    assert host.choose_threads(None, 512)[0] == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "5")
-    assert trainer.choose_threads(None, 512) == (torch.get_num_threads(), "OMP_NUM_THREADS")
+    assert host.choose_threads(None, 512) == (torch.get_num_threads(), "OMP_NUM_THREADS")
 
 
 def test_tokens_per_second_leave_out_paused_time(monkeypatch):
     clock = iter([100.0, 101.0, 111.0, 112.0, 113.0])  # start, pause in and out, summary, reset
-    monkeypatch.setattr(trainer.time, "perf_counter", lambda: next(clock))
-    meter = trainer.Meter()
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    meter = metrics.Meter()
     meter.add(trainer.StepOutput(torch.tensor(2.0), torch.tensor(1.0), 100, torch.tensor(1.0),
                                  torch.tensor(True)))
     with meter.paused():  # 10 s of validation
@@ -116,17 +117,17 @@ def test_hparams_name_the_trial_by_its_overrides(monkeypatch):
     from tests.test_train import compose_config
 
     cfg = compose_config(["model=tiny", "optim.lr=5e-4", "model.n_layers=2"])
-    monkeypatch.setattr(trainer, "command_line_overrides",
+    monkeypatch.setattr(metrics, "command_line_overrides",
                         lambda: ["model=tiny", "optim.lr=5e-4", "model.n_layers=2"])
-    flat = trainer.flat_hparams(cfg)
+    flat = metrics.flat_hparams(cfg)
     assert list(flat)[:2] == ["optim.lr", "model.n_layers"]  # a group choice is no value
     assert flat["model.n_layers"] == 2 and flat["model.d_model"] == 32
-    assert trainer.trial_name("outputs/x") == "model=tiny,optim.lr=5e-4,model.n_layers=2"
-    monkeypatch.setattr(trainer, "command_line_overrides",
+    assert metrics.trial_name("outputs/x") == "model=tiny,optim.lr=5e-4,model.n_layers=2"
+    monkeypatch.setattr(metrics, "command_line_overrides",
                         lambda: ["optim.lr=1e-3", "data.cache_dir=/tmp/x", "logger.n_examples=1"])
-    assert trainer.trial_name("outputs/x") == "optim.lr=1e-3"
-    monkeypatch.setattr(trainer, "command_line_overrides", lambda: [])
-    assert trainer.trial_name("outputs/x") == "outputs/x"
+    assert metrics.trial_name("outputs/x") == "optim.lr=1e-3"
+    monkeypatch.setattr(metrics, "command_line_overrides", lambda: [])
+    assert metrics.trial_name("outputs/x") == "outputs/x"
 
 
 class RecordingLogger(NullLogger):

@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import transformer.trainer as trainer_module
 from tests.conftest import make_toy_pairs
 from tests.test_faults import REPO, LiveRun, assert_same_run, train_command
 from tests.test_train import compose_config
@@ -39,6 +38,7 @@ from transformer.resume import reseeded
 from transformer.run_lock import run_dir_lock
 from transformer.tokenizer import Tokenizer
 from transformer.trainer import train
+from transformer.training import run as run_module
 
 INTERRUPTED, FINAL = 8, 12  # the base run stops at step 8 (epoch 1, batch 2 of 6)
 
@@ -253,7 +253,7 @@ def test_the_stored_tokenizer_encodes_an_edited_corpus_after_a_reset(base, corpu
     assert tokenizer_hash((retrained.src_tokenizer, retrained.tgt_tokenizer)) != \
         tokenizer_hash(stored)  # else this test could not fail
     prepared = []
-    monkeypatch.setattr(trainer_module, "prepare_data",
+    monkeypatch.setattr(run_module, "prepare_data",
                         lambda *args, **kwargs: prepared.append(prepare_data(*args, **kwargs))
                         or prepared[-1])
     train(compose_config(overrides(grown, tmp_path / "new_cache", INTERRUPTED + 2,

@@ -177,10 +177,10 @@ def test_every_config_composes():
 
 def test_early_stopping_after_patience_validations(multi30k_dir, data_cache, tmp_path,
                                                    monkeypatch):
-    import transformer.trainer as trainer_module
+    from transformer.training import validation
 
     # A validation that never improves: the first sets the best, the next `patience` don't.
-    monkeypatch.setattr(trainer_module, "validate", lambda run: {"val/bleu": 5.0})
+    monkeypatch.setattr(validation, "validate", lambda run: {"val/bleu": 5.0})
     cfg = compose_config(["debug=fast", f"data.root={multi30k_dir}",
                           f"data.cache_dir={data_cache}", "trainer.max_steps=40",
                           "trainer.val_every_steps=2", "trainer.patience=2"])

@@ -1,0 +1,187 @@
+"""Where the pairs come from: parallel text files (Multi30k, ``parallel_files``) or a
+Hugging Face dataset (``hub``), each read one split at a time, in chunks."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import urllib.request
+from collections.abc import Iterable, Iterator, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from transformer.config import DataConfig
+from transformer.data.text import DataError, read_parallel_lines
+
+SOURCES = ("multi30k", "parallel_files", "hub")
+MULTI30K_URL = "https://github.com/multi30k/dataset/raw/master/data/task1/raw/{file}"
+MULTI30K_PATTERN = "{split}.{lang}"
+CHUNK_PAIRS = 10_000  # pairs encoded at once: bounds memory when a corpus is streamed
+
+
+class FileCorpus:
+    """Parallel text files ``root / pattern.format(split=..., lang=...)``, plain or .gz;
+    line i of the source file translates line i of the target file."""
+
+    def __init__(self, root: Path, pattern: str, src_lang: str, tgt_lang: str) -> None:
+        self.root, self.pattern, self.langs = root, pattern, (src_lang, tgt_lang)
+        self._lines: dict[str, tuple[list[str], list[str]]] = {}
+
+    @cached_property
+    def splits(self) -> list[str]:
+        """The splits that have a file for both languages."""
+        found = [set(self._splits_of(lang)) for lang in self.langs]
+        return sorted(found[0] & found[1])
+
+    def _splits_of(self, lang: str) -> Iterator[str]:
+        relative = self.pattern.format(split="\0", lang=lang)
+        regex = re.compile(re.escape(relative).replace("\0", "(.+)") + r"(\.gz)?")
+        for path in self.root.glob(relative.replace("\0", "*") + "*"):
+            match = regex.fullmatch(path.relative_to(self.root).as_posix())
+            if match:
+                yield match.group(1)
+
+    def check(self, splits: Iterable[str]) -> None:
+        for split in splits:
+            if split not in self.splits:
+                raise DataError(f"split {split!r} not found for {'-'.join(self.langs)} in "
+                                f"{self.root / self.pattern}; splits found: "
+                                f"{', '.join(self.splits) or 'none'}")
+
+    def paths(self, split: str) -> tuple[Path, Path]:
+        self.check([split])
+        plain = [self.root / self.pattern.format(split=split, lang=lang) for lang in self.langs]
+        return tuple(p if p.exists() else p.with_name(p.name + ".gz") for p in plain)
+
+    def key(self, split: str) -> list[Any]:
+        """What identifies the split's content for the cache: paths, sizes, mtimes."""
+        return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns]
+                for p in self.paths(split)]
+
+    def chunks(self, split: str) -> Iterator[tuple[list[str], list[str]]]:
+        src_lines, tgt_lines = self._read(split)
+        for start in range(0, len(src_lines), CHUNK_PAIRS):
+            yield src_lines[start:start + CHUNK_PAIRS], tgt_lines[start:start + CHUNK_PAIRS]
+
+    def _read(self, split: str) -> tuple[list[str], list[str]]:
+        if split not in self._lines:  # the training split is read twice: BPE, then ids
+            self._lines[split] = read_parallel_lines(*self.paths(split))
+        return self._lines[split]
+
+    def where(self, split: str, index: int) -> str:
+        src_path, tgt_path = self.paths(split)
+        return f"line {index + 1} of {src_path} and {tgt_path}"
+
+
+class HubCorpus:
+    """A Hugging Face dataset whose ``translation`` column holds ``{lang: text}`` dicts.
+    ``name`` is a Hub id (``wmt/wmt14``) or a local folder: JSON/Parquet/... files that
+    ``load_dataset`` understands, or the output of ``Dataset(Dict).save_to_disk``."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        if not cfg.hub_name:
+            raise DataError("data.hub_name is not set: name a Hugging Face dataset, "
+                            "e.g. data.hub_name=wmt/wmt14 data.hub_config=de-en")
+        self.name, self.config, self.streaming = cfg.hub_name, cfg.hub_config, cfg.streaming
+        self.langs = (cfg.src_lang, cfg.tgt_lang)
+        self.cache_dir = str(Path(cfg.cache_dir) / "hub")
+
+    @cached_property
+    def _dataset_dict(self) -> Any:
+        import datasets  # slow to import, and only needed here
+
+        if (Path(self.name) / "dataset_dict.json").exists():  # memory-mapped: no streaming
+            return datasets.load_from_disk(self.name)
+        try:
+            return datasets.load_dataset(self.name, self.config, streaming=self.streaming,
+                                         cache_dir=self.cache_dir)
+        except Exception as error:  # of many types (ConnectionError, FileNotFoundError, ...)
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise DataError(f"cannot load hub dataset {self.name!r} (config {self.config}): "
+                            f"{type(error).__name__}: {reason}") from None
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self._dataset_dict)
+
+    def check(self, splits: Iterable[str]) -> None:
+        for split in splits:
+            if split not in self.splits:
+                raise DataError(f"split {split!r} not found in hub dataset {self.name!r}; "
+                                f"splits found: {', '.join(self.splits)}")
+
+    def key(self, split: str) -> list[Any]:
+        """Hub id, config and split; for a local folder also its files' sizes and mtimes.
+        A Hub dataset is taken not to change: delete its cache folder to read it again."""
+        local = Path(self.name)
+        files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else []
+        stats = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+        return [self.name, self.config, split, stats]
+
+    def chunks(self, split: str) -> Iterator[tuple[list[str], list[str]]]:
+        self.check([split])
+        for batch in self._dataset_dict[split].iter(batch_size=CHUNK_PAIRS):
+            if "translation" not in batch:
+                raise DataError(f"hub dataset {self.name!r} has no 'translation' column "
+                                f"(columns: {', '.join(batch)})")
+            rows = batch["translation"]
+            for lang in self.langs:
+                if rows and lang not in rows[0]:
+                    raise DataError(f"hub dataset {self.name!r} split {split!r} has no "
+                                    f"language {lang!r} (found: {', '.join(rows[0])})")
+            src_lang, tgt_lang = self.langs  # a missing text (None) counts as empty
+            yield [row[src_lang] or "" for row in rows], [row[tgt_lang] or "" for row in rows]
+
+    def where(self, split: str, index: int) -> str:
+        return f"row {index} of split {split!r} of hub dataset {self.name!r}"
+
+
+def open_corpus(cfg: DataConfig, splits: Sequence[str]) -> FileCorpus | HubCorpus:
+    """The corpus ``cfg.source`` names; file corpora are checked for ``splits`` here."""
+    if cfg.source == "hub":
+        return HubCorpus(cfg)
+    if cfg.source == "multi30k":
+        corpus = FileCorpus(_multi30k_root(cfg, splits), MULTI30K_PATTERN, cfg.src_lang,
+                            cfg.tgt_lang)
+    elif cfg.source == "parallel_files":
+        if not cfg.root or not Path(cfg.root).is_dir():
+            raise DataError(f"data.root={cfg.root} is not a directory: point it at the folder "
+                            f"of the {cfg.file_pattern}[.gz] files")
+        corpus = FileCorpus(Path(cfg.root), cfg.file_pattern, cfg.src_lang, cfg.tgt_lang)
+    else:
+        raise DataError(f"data.source={cfg.source!r} is not one of {list(SOURCES)}")
+    corpus.check(splits)
+    return corpus
+
+
+def _multi30k_root(cfg: DataConfig, splits: Sequence[str]) -> Path:
+    """``cfg.root`` or ``$MULTI30K_DIR`` if it exists, else a download into the cache."""
+    root = cfg.root or os.environ.get("MULTI30K_DIR")
+    if root and Path(root).is_dir():
+        return Path(root)
+    missing = f"{root} does not exist" if root else "data.root and MULTI30K_DIR are not set"
+    advice = "set MULTI30K_DIR or data.root to the folder of the {split}.{lang}.gz files"
+    if not cfg.download:
+        raise DataError(f"Multi30k not found: {missing} and data.download=false; {advice}")
+    target = Path(cfg.cache_dir) / "multi30k"
+    for file in (f"{split}.{lang}.gz" for split in splits for lang in (cfg.src_lang,
+                                                                       cfg.tgt_lang)):
+        if not (target / file).exists():
+            url = MULTI30K_URL.format(file=file)
+            try:
+                download(url, target / file)
+            except OSError as error:  # URLError and HTTPError are OSErrors
+                raise DataError(f"Multi30k not found: {missing}, and downloading {url} failed "
+                                f"({error}); {advice}") from None
+    return target
+
+
+def download(url: str, path: Path) -> None:
+    """Fetch ``url`` to ``path`` through a temporary file, so a broken transfer leaves none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".part")
+    with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+        shutil.copyfileobj(response, out)
+    os.replace(partial, path)
