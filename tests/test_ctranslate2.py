@@ -5,6 +5,7 @@ others are refused, naming the option."""
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from transformer.ctranslate2_export import (  # noqa: E402
     vocabularies,
 )
 from transformer.decoding import translate_ids  # noqa: E402
+from transformer.export import write_export  # noqa: E402
 from transformer.model import Transformer, build_model  # noqa: E402
 from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer  # noqa: E402
 
@@ -96,12 +98,13 @@ def randomized(model: Transformer, seed: int) -> Transformer:
     return model.eval()
 
 
-def trained(model: Transformer, tokenizers, steps: int = 100) -> Transformer:
+def trained(model: Transformer, tokenizers, steps: int = 100,
+            pairs: tuple[list[str], list[str]] | None = None) -> Transformer:
     """A few Adam steps (with warmup, for post-norm) on the toy corpus, a word-for-word
     mapping: enough for searches that end on their own, with clear winners, as a real
     model's do. A random model's repeat a token up to the maximum length, where CTranslate2
-    differs (no forced EOS)."""
-    src_texts, tgt_texts = make_toy_pairs(300, seed=1)
+    differs (no forced EOS). ``pairs``: (sources, targets) to train on instead."""
+    src_texts, tgt_texts = pairs or make_toy_pairs(300, seed=1)
     src, tgt = tokenizers
 
     def padded(rows: list[list[int]]) -> torch.Tensor:
@@ -279,3 +282,78 @@ def export_script(args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(REPO / "scripts" / "export_ctranslate2.py"),
                            *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_model_converted_from_marian(tmp_path):
+    """An OPUS-MT model converted by scripts/convert_marian.py: SentencePiece pieces as the
+    vocabulary, Marian's switches (unscaled embeddings, concatenated sinusoids, logit
+    bias), the pieces' ids permuted to ours."""
+    pytest.importorskip("transformers")
+    from tests.test_marian import SOURCES, WORDS, marian_directory, train_spm
+    from transformer.marian import convert_marian
+
+    state = convert_marian(marian_directory(tmp_path / "opus-mt", train_spm(48, seed=0),
+                                            shared=False))
+    # Briefly trained (to reverse word order), so that searches end on their own.
+    model, tokenizer, _ = load_checkpoint(state)
+    rng = random.Random(0)
+    sources = [" ".join(rng.choices(WORDS, k=rng.randint(2, 8))) for _ in range(300)]
+    targets = [" ".join(s.split()[::-1]) for s in sources]
+    torch.manual_seed(0)
+    trained(model, (tokenizer, tokenizer.target_side()), pairs=(sources, targets))
+    state["model"] = model.state_dict()
+    out = export_ctranslate2(state, tmp_path / "ct2")
+    assert {"source.spm", "target.spm", "tokenizer.json", "shared_vocabulary.json"} <= \
+        {path.name for path in out.iterdir()}
+    translator, tokenizer, _ = load_ctranslate2(out)
+    model, _, _ = load_checkpoint(state)
+    src_vocab, tgt_vocab = vocabularies(state["tokenizer"])
+    src_ids = source_ids(tokenizer, SOURCES)
+    targets = [ids[:-1] for ids in src_ids[::-1]]
+    for src, tgt, result in zip(src_ids, targets, translator.score_batch(
+            ct2_tokens(src_vocab, src_ids), [[tgt_vocab[i] for i in t] for t in targets]),
+            strict=True):
+        with torch.no_grad():
+            logprobs = model(torch.tensor([src]), torch.tensor([[BOS_ID, *tgt]])).log_softmax(-1)
+        torch.testing.assert_close(
+            torch.tensor(result.log_probs),
+            logprobs[0].gather(1, torch.tensor([*tgt, EOS_ID])[:, None])[:, 0],
+            atol=1e-4, rtol=1e-4)
+    ours = translate_ids(model, src_ids, beam=4, lenpen=0.6, early_stopping=True)
+    theirs = translate_ctranslate2(translator, ct2_tokens(src_vocab, src_ids), tgt_vocab,
+                                   beam=4, lenpen=0.6, max_len=model.max_len)
+    assert theirs == ours
+    assert all(0 < len(o) < 2 * len(ids) for o, ids in zip(ours, src_ids, strict=True))
+
+
+def test_script_exports_checkpoints_and_exported_folders_int8_too(trained_states, tmp_path):
+    state = trained_states("post-norm sinusoidal relu, separate vocabularies")
+    save_checkpoint(state, tmp_path / "model.pt")
+    write_export(state, tmp_path / "exported")  # scripts/export.py's folder, safetensors
+    runs = {name: export_script(["--checkpoint", str(tmp_path / source), "--output",
+                                 str(tmp_path / name), *extra])
+            for name, source, extra in [("float32", "model.pt", []),
+                                        ("int8", "exported", ["--quantization", "int8"])]}
+    for result in runs.values():
+        assert result.returncode == 0, result.stderr[-2000:]
+    sizes = {name: (tmp_path / name / "model.bin").stat().st_size for name in runs}
+    assert sizes["float32"] > 2.5 * sizes["int8"]  # int8 weights, float32 norms and positions
+    model, _, _ = load_checkpoint(state)
+    src_vocab, tgt_vocab = vocabularies(state["tokenizer"])
+    sources, references = make_toy_pairs(40, seed=9)
+    float32, tokenizer, _ = load_ctranslate2(tmp_path / "float32")
+    int8, _, settings = load_ctranslate2(tmp_path / "int8")
+    assert settings["quantization"] == "int8"
+    src_tokens = ct2_tokens(src_vocab, source_ids(tokenizer, sources))
+    ours = translate_ids(model, source_ids(tokenizer, sources), beam=5, lenpen=0.6,
+                         early_stopping=True)
+    assert translate_ctranslate2(float32, src_tokens, tgt_vocab, max_len=model.max_len) == ours
+    assert all(translate_ctranslate2(int8, src_tokens, tgt_vocab, max_len=model.max_len))
+    # The int8 weights and their scales, run in float32: the int8 matrix products' own error
+    # depends on the CPU's instructions (AVX2's saturate; docs/benchmarks.md), these not.
+    targets = [[tgt_vocab[i] for i in ids] for ids in tokenizer.tgt.encode_batch(references)]
+    dequantized = ctranslate2.Translator(str(tmp_path / "int8"), compute_type="float32")
+    scores = [translator.score_batch(src_tokens, targets) for translator in (float32, dequantized)]
+    errors = torch.tensor([abs(a - b) for x, y in zip(*scores, strict=True)
+                           for a, b in zip(x.log_probs, y.log_probs, strict=True)])
+    assert errors.mean() < 0.05 and errors.max() < 0.3, errors

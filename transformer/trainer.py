@@ -66,7 +66,7 @@ from transformer.distributed import (
     sum_over_ranks,
     wrap_for_training,
 )
-from transformer.logging import NullLogger, TensorBoardLogger
+from transformer.logging import NullLogger, build_logger, check_trackers
 from transformer.loss import (
     label_smoothed_cross_entropy,
     linear_label_smoothed_cross_entropy,
@@ -278,6 +278,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
 
 
 def setup(cfg: DictConfig, run_dir: Path) -> Run:
+    check_trackers(cfg.logger)  # a missing wandb / mlflow package: before any slow work
     try:
         device = resolve_device(cfg.trainer.device)
     except RuntimeError as error:  # trainer.device=cuda on a machine without one
@@ -326,11 +327,9 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     run.train_module = wrap_for_training(model, loss_fn, cfg.trainer.label_smoothing, ddp)
     if device.type == "cuda":
         run.flops_per_token = measure_flops_per_token(run)
-    if cfg.logger.tensorboard and ddp.is_main:
-        # A resumed run purges events past its checkpoint and continues the same curves.
-        purge = run.state.step + 1 if resume_state is not None else None
-        run.logger = TensorBoardLogger(run_dir / "tb", purge_step=purge)
-        run.logger.hparams(flat_hparams(cfg), trial_name(run_dir))
+    if ddp.is_main:  # a resumed run continues the same curves (and W&B / MLflow runs)
+        run.logger = build_logger(cfg.logger, run_dir, run.state.step if resume_state
+                                  is not None else None, flat_hparams(cfg), trial_name(run_dir))
     return run
 
 
