@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -357,3 +358,26 @@ def test_script_exports_checkpoints_and_exported_folders_int8_too(trained_states
     errors = torch.tensor([abs(a - b) for x, y in zip(*scores, strict=True)
                            for a, b in zip(x.log_probs, y.log_probs, strict=True)])
     assert errors.mean() < 0.05 and errors.max() < 0.3, errors
+
+
+def test_benchmark_decodes_with_ctranslate2_beside_ours(tmp_path, monkeypatch):
+    """scripts/benchmark.py --decode: rows for CTranslate2's float32 and int8 beside ours,
+    each decoding the same sentences to the same length (decode_len tokens, then EOS)."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import benchmark
+
+    p = benchmark.PRESETS["tiny"]
+    rows = {row["system"]: row for row in benchmark.measure_decoding(p, torch.device("cpu"),
+                                                                     beam=2, repeats=1)}
+    assert {"ours beam_search", "ctranslate2 float32", "ctranslate2 int8"} <= set(rows)
+    assert all(row["sentences_per_s"] > 0 for row in rows.values())
+    torch.manual_seed(0)
+    model = benchmark.build_ours(p).eval()
+    (name, translator), _ = benchmark.ctranslate2_translators(model, p, torch.device("cpu"))
+    src = benchmark.random_batch(replace(p, batch_size=p.decode_batch), torch.device("cpu"),
+                                 seed=1).src_tokens
+    results = translator.translate_batch([[f"t{i}" for i in row] for row in src.tolist()],
+                                         beam_size=2, max_decoding_length=p.decode_len + 1,
+                                         min_decoding_length=p.decode_len + 1)
+    assert name == "ctranslate2 float32"
+    assert [len(r.hypotheses[0]) for r in results] == [p.decode_len + 1] * p.decode_batch

@@ -189,3 +189,12 @@ def test_train_py_refuses_a_missing_package_before_any_work(tmp_path):
     assert result.stderr == ('error: logger=wandb needs the wandb package: '
                              'pip install -e ".[wandb]"\n')
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_store_mlflow_cannot_use_is_refused_in_one_line():
+    from transformer.logging import MlflowLogger
+
+    with pytest.raises(ConfigError, match=r"^logger=mlflow: MLflow cannot log to nope://x: "
+                                          r"[^\n]*\(set logger.mlflow_tracking_uri or "
+                                          r"\$MLFLOW_TRACKING_URI\)$"):
+        MlflowLogger("nope://x", "transformer", "a run", None)

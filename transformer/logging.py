@@ -169,8 +169,10 @@ class MlflowLogger(NullLogger):
                                                 ).info.run_id
         except MlflowException as error:  # a store it cannot use: say which, in one line
             where = tracking_uri or "its default store ($MLFLOW_TRACKING_URI unset)"
+            hint = "MLFLOW_ALLOW_FILE_STORE=true lets MLflow 3 use it, or set " \
+                if "MLFLOW_ALLOW_FILE_STORE" in error.message else "set "
             raise ConfigError(f"logger=mlflow: MLflow cannot log to {where}: "
-                              f"{first_sentence(error.message)} (set "
+                              f"{first_sentence(error.message)} ({hint}"
                               "logger.mlflow_tracking_uri or $MLFLOW_TRACKING_URI)") from None
         self.run_id = run_id
 
