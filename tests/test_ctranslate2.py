@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from transformer.ctranslate2_export import (  # noqa: E402
     translate_ctranslate2,
     vocabularies,
 )
-from transformer.decoding import translate_ids  # noqa: E402
+from transformer.decoding import translate, translate_ids  # noqa: E402
 from transformer.export import write_export  # noqa: E402
 from transformer.model import Transformer, build_model  # noqa: E402
 from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer  # noqa: E402
@@ -381,3 +382,19 @@ def test_benchmark_decodes_with_ctranslate2_beside_ours(tmp_path, monkeypatch):
                                          min_decoding_length=p.decode_len + 1)
     assert name == "ctranslate2 float32"
     assert [len(r.hypotheses[0]) for r in results] == [p.decode_len + 1] * p.decode_batch
+
+
+def test_the_readmes_deploying_example_translates_as_ours(trained_states, tmp_path,
+                                                          monkeypatch, capsys):
+    section = (REPO / "README.md").read_text().split("\n## Deploying\n")[1].split("\n## ")[0]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    sentences = make_toy_pairs(8, seed=11)[0]  # what the toy model knows
+    code, n = re.subn(r"^sentences = .*$", f"sentences = {sentences!r}", code, flags=re.M)
+    assert n == 1
+    state = trained_states("post-norm learned gelu, all shared")  # one tokenizer.json
+    export_ctranslate2(state, tmp_path / "ct2_model")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    model, tokenizer, _ = load_checkpoint(state)
+    expected = translate(model, tokenizer, sentences, beam=5, lenpen=0.6, early_stopping=True)
+    assert capsys.readouterr().out.splitlines() == expected

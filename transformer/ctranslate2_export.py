@@ -60,6 +60,7 @@ from transformer.alibi import ALiBiPositions
 from transformer.attention import MultiHeadAttention
 from transformer.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from transformer.components import class_path
+from transformer.config import EvalConfig
 from transformer.export import read_tokenizers, write_tokenizers
 from transformer.feed_forward import FeedForward
 from transformer.model import Transformer
@@ -321,6 +322,7 @@ def export_ctranslate2(checkpoint: str | Path | dict[str, Any], out_dir: str | P
     model, _, cfg = load_checkpoint(state, name=str(checkpoint) if not isinstance(
         checkpoint, dict) else name, trust_modules=trust_modules)
     src_vocab, tgt_vocab = vocabularies(state["tokenizer"])
+    search = EvalConfig()  # evaluate.py's length limits
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -331,8 +333,8 @@ def export_ctranslate2(checkpoint: str | Path | dict[str, Any], out_dir: str | P
                     "step": state.get("step"), "quantization": quantization or "float32",
                     "ctranslate2": ctranslate2.__version__,
                     "decoding": {"beam": cfg.test.beam, "lenpen": cfg.test.lenpen,
-                                 "max_len_a": 1.2, "max_len_b": 10, "min_len": 1,
-                                 "max_len": model.max_len}}
+                                 "max_len_a": search.max_len_a, "max_len_b": search.max_len_b,
+                                 "min_len": search.min_len, "max_len": model.max_len}}
         if state["tokenizer"].get("kind") == "marian":  # for SentencePiece users
             fields = json.loads(state["tokenizer"]["src"])
             for side in ("source", "target"):
