@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,23 @@ def wandb_records(path: Path):
             position += block - position % block
 
 
+def finished_records(path: Path, timeout_s: float = 60.0) -> list:
+    """The records of a W&B run's log once it holds the run's "exit" record: W&B's service
+    process may still be writing the file when ``finish()`` has returned."""
+    from google.protobuf.message import DecodeError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            records = list(wandb_records(path))
+        except DecodeError:  # the last record half written
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        assert time.monotonic() < deadline, f"{path} has no exit record"
+        time.sleep(0.2)
+
+
 def test_logger_choices_compose():
     for choice, on in [(None, {"tensorboard"}), ("wandb", {"wandb"}), ("mlflow", {"mlflow"}),
                        ("[tensorboard,wandb]", {"tensorboard", "wandb"}),
@@ -113,7 +131,7 @@ def test_wandb_offline_logs_what_tensorboard_logs_and_resumes_its_run(
     assert [run.name.rsplit("-", 1)[1] for run in runs] == [run_id, run_id]  # one W&B run
     scalars, texts, config = {}, {}, {}
     for run in runs:
-        for record in wandb_records(run / f"run-{run_id}.wandb"):
+        for record in finished_records(run / f"run-{run_id}.wandb"):
             kind = record.WhichOneof("record_type")
             if kind == "history":
                 row: dict = {}
