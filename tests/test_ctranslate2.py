@@ -23,7 +23,12 @@ if os.environ.get("CI") == "true":  # in the dev extra: CI runs these, never ski
 else:
     ctranslate2 = pytest.importorskip("ctranslate2")
 
-from transformer.checkpoint import load_checkpoint, save_checkpoint, tokenizer_entry  # noqa: E402
+from transformer.checkpoint import (  # noqa: E402
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    tokenizer_entry,
+)
 from transformer.components import entry  # noqa: E402
 from transformer.config import ModelConfig, TrainConfig  # noqa: E402
 from transformer.ctranslate2_export import (  # noqa: E402
@@ -270,6 +275,16 @@ def test_script_refuses_in_one_line(tokenizers, tmp_path):
                             "--output", str(tmp_path / "ct2")])
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: model.positional")
+
+
+def test_an_output_folder_with_files_is_left_alone(tokenizers, tmp_path):
+    (tmp_path / "ct2").mkdir()
+    (tmp_path / "ct2" / "notes.txt").write_text("mine")
+    state = checkpoint_state(model_config("pre-norm rope silu"), tokenizers)
+    with pytest.raises(CheckpointError, match="exists and is not an empty folder"):
+        export_ctranslate2(state, tmp_path / "ct2")
+    assert [p.name for p in (tmp_path / "ct2").iterdir()] == ["notes.txt"]
+    assert export_ctranslate2(state, tmp_path / "empty").is_dir()  # new, or empty: fine
 
 
 def test_missing_package_is_named(monkeypatch, tokenizers, tmp_path):

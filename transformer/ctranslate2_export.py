@@ -44,6 +44,7 @@ hypotheses (with a length penalty), which is our ``early_stopping``. Two differe
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -106,87 +107,88 @@ def activation(ffn: nn.Module) -> tuple[int, bool]:
 
 def norm_options(norms: list[nn.Module]) -> tuple[bool, float]:
     """(rms_norm, epsilon) shared by every norm of the model (the spec has one of each)."""
-    kinds = {type(norm) for norm in norms}
-    if not kinds <= {nn.LayerNorm, RMSNorm} or len(kinds) > 1:
-        odd = next(n for n in norms if type(n) not in (nn.LayerNorm, RMSNorm)) \
-            if not kinds <= {nn.LayerNorm, RMSNorm} else norms[0]
-        raise UnsupportedModel(f"{part_name('model.norm', odd)}: CTranslate2 takes LayerNorm "
-                               "or RMSNorm, one kind for the whole model")
+    unknown = [norm for norm in norms if type(norm) not in (nn.LayerNorm, RMSNorm)]
+    if unknown or len({type(norm) for norm in norms}) > 1:
+        raise UnsupportedModel(f"{part_name('model.norm', (unknown or norms)[0])}: CTranslate2 "
+                               "takes LayerNorm or RMSNorm, one kind for the whole model")
+    if any(isinstance(norm, nn.LayerNorm) and not norm.elementwise_affine for norm in norms):
+        raise UnsupportedModel("model.norm: a LayerNorm without weights "
+                               "(elementwise_affine=false); CTranslate2's has them")
     epsilons = {float(norm.eps) for norm in norms}
     if len(epsilons) > 1:
         raise UnsupportedModel(f"model.norm: epsilons {sorted(epsilons)} differ between "
                                "layers; CTranslate2 has one layer_norm_epsilon")
-    for norm in norms:
-        if isinstance(norm, nn.LayerNorm) and not norm.elementwise_affine:
-            raise UnsupportedModel("model.norm: a LayerNorm without weights "
-                                   "(elementwise_affine=false); CTranslate2's has them")
-    return RMSNorm in kinds, epsilons.pop()
+    return isinstance(norms[0], RMSNorm), epsilons.pop()
 
 
-def spec_options(model: Transformer) -> dict[str, Any]:
-    """The keyword arguments of both stacks' specs; UnsupportedModel for what they lack."""
-    layers = [*model.encoder.layers, *model.decoder.layers]
-    attentions = [layer.self_attn for layer in model.encoder.layers] + \
-        [m for layer in model.decoder.layers for m in (layer.self_attn, layer.cross_attn)]
-    for attention in attentions:
-        if type(attention) is not MultiHeadAttention:
-            raise UnsupportedModel(f"{part_name('model.attention', attention)}: CTranslate2 "
-                                   "takes transformer.attention.MultiHeadAttention only")
-    positions = model.encoder.embedding.positions
-    options: dict[str, Any] = {}
+def position_options(positions: nn.Module, d_k: int) -> dict[str, Any]:
+    """The spec's arguments for the model's positions: none for an added table (written
+    as it is, ``set_embeddings``), the rotary ones for RoPE."""
     if isinstance(positions, ALiBiPositions):
         raise UnsupportedModel(f"{part_name('model.positional', positions)}: CTranslate2 has "
                                "ALiBi in decoders only, not in the encoder of a TransformerSpec")
     if isinstance(positions, RotaryPositions):
-        d_k = attentions[0].d_k
         if d_k % 2:
             raise UnsupportedModel(f"{part_name('model.positional', positions)}: head size "
                                    f"d_model/n_heads={d_k} is odd, which CTranslate2's rotary "
                                    "embeddings do not leave a dimension of")
-        options.update(rotary_dim=0, rotary_interleave=True, rotary_base=positions.base)
-    elif type(positions) is not PositionalEncoding:
+        # rotary_dim 0: every dimension; interleaved: the pairs (2i, 2i+1), as ours
+        return {"rotary_dim": 0, "rotary_interleave": True, "rotary_base": positions.base}
+    if type(positions) is not PositionalEncoding:
         raise UnsupportedModel(f"{part_name('model.positional', positions)}: CTranslate2 "
                                "takes added position tables (sinusoidal, learned) or RoPE")
-    norms = [block.norm for layer in model.encoder.layers
-             for block in (layer.attn_block, layer.ff_block)]
-    norms += [block.norm for layer in model.decoder.layers
+    return {}
+
+
+def spec_options(model: Transformer) -> tuple[dict[str, Any], float]:
+    """(the keyword arguments of both stacks' specs, the norms' epsilon); UnsupportedModel
+    names what the spec lacks."""
+    encoder, decoder = model.encoder.layers, model.decoder.layers
+    attentions = [layer.self_attn for layer in encoder] + \
+        [m for layer in decoder for m in (layer.self_attn, layer.cross_attn)]
+    for attention in attentions:
+        if type(attention) is not MultiHeadAttention:
+            raise UnsupportedModel(f"{part_name('model.attention', attention)}: CTranslate2 "
+                                   "takes transformer.attention.MultiHeadAttention only")
+    norms = [block.norm for layer in encoder for block in (layer.attn_block, layer.ff_block)]
+    norms += [block.norm for layer in decoder
               for block in (layer.self_block, layer.cross_block, layer.ff_block)]
     norms += [n for n in (model.encoder.final_norm, model.decoder.final_norm)
-              if not isinstance(n, nn.Identity)]
+              if not isinstance(n, nn.Identity)]  # pre-norm stacks end with a norm
     rms_norm, epsilon = norm_options(norms)
-    kinds = {activation(layer.feed_forward) for layer in layers}
+    kinds = {activation(layer.feed_forward) for layer in [*encoder, *decoder]}
     if len(kinds) > 1:
         raise UnsupportedModel("model.ffn: the layers use different activations")
     (act, glu), = kinds
-    pre_norm = model.encoder.layers[0].attn_block.norm_first
-    options.update(num_heads=attentions[0].n_heads, pre_norm=pre_norm, activation=act,
-                   ffn_glu=glu, rms_norm=rms_norm)
-    return {"options": options, "epsilon": epsilon}
+    options = position_options(model.encoder.embedding.positions, attentions[0].d_k)
+    options.update(num_heads=attentions[0].n_heads, pre_norm=encoder[0].attn_block.norm_first,
+                   activation=act, ffn_glu=glu, rms_norm=rms_norm)
+    return options, epsilon
 
 
-def numpy(tensor: torch.Tensor) -> np.ndarray:
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().float().cpu().numpy()
 
 
 def set_linear(spec, linear: nn.Linear) -> None:
-    spec.weight = numpy(linear.weight)
+    spec.weight = to_numpy(linear.weight)
     if linear.bias is not None:
-        spec.bias = numpy(linear.bias)
+        spec.bias = to_numpy(linear.bias)
 
 
 def set_fused(spec, linears: list[nn.Linear]) -> None:
     """Several projections of the same input as one (rows stacked), as CTranslate2 runs
     q, k, v of self-attention (and k, v of cross-attention) in one product."""
-    spec.weight = np.concatenate([numpy(linear.weight) for linear in linears])
+    spec.weight = np.concatenate([to_numpy(linear.weight) for linear in linears])
     if linears[0].bias is not None:
-        spec.bias = np.concatenate([numpy(linear.bias) for linear in linears])
+        spec.bias = np.concatenate([to_numpy(linear.bias) for linear in linears])
 
 
 def set_norm(spec, norm: nn.Module) -> None:
-    spec.gamma = numpy(norm.weight)
+    spec.gamma = to_numpy(norm.weight)
     if hasattr(spec, "beta"):  # LayerNorm; RMSNorm has no bias
         bias = getattr(norm, "bias", None)
-        spec.beta = numpy(bias) if bias is not None else np.zeros_like(spec.gamma)
+        spec.beta = to_numpy(bias) if bias is not None else np.zeros_like(spec.gamma)
 
 
 def set_attention(spec, attention: MultiHeadAttention, norm: nn.Module, self_attention: bool
@@ -214,11 +216,11 @@ def set_ffn(spec, ffn: nn.Module, norm: nn.Module) -> None:
 def set_embeddings(spec, embedding: nn.Module) -> None:
     """Token embeddings, their scale and (if added, not rotary) the position table."""
     tokens = spec.embeddings[0] if isinstance(spec.embeddings, list) else spec.embeddings
-    tokens.weight = numpy(embedding.tokens.weight)
+    tokens.weight = to_numpy(embedding.tokens.weight)
     # CTranslate2 reads True as sqrt(d_model), a float as itself, False as no scaling.
     spec.scale_embeddings = bool(embedding.scale != 1.0)
     if isinstance(embedding.positions, PositionalEncoding):
-        spec.position_encodings.encodings = numpy(embedding.positions.table)
+        spec.position_encodings.encodings = to_numpy(embedding.positions.table)
 
 
 def build_spec(model: Transformer, src_vocab: Sequence[str], tgt_vocab: Sequence[str]):
@@ -227,8 +229,7 @@ def build_spec(model: Transformer, src_vocab: Sequence[str], tgt_vocab: Sequence
     import_ctranslate2()
     from ctranslate2.specs import transformer_spec
 
-    found = spec_options(model)
-    options = found["options"]
+    options, epsilon = spec_options(model)
     encoder = transformer_spec.TransformerEncoderSpec(len(model.encoder.layers), **options)
     decoder = transformer_spec.TransformerDecoderSpec(len(model.decoder.layers), **options)
     set_embeddings(encoder, model.encoder.embedding)
@@ -254,7 +255,7 @@ def build_spec(model: Transformer, src_vocab: Sequence[str], tgt_vocab: Sequence
     spec.config.eos_token = tgt_vocab[EOS_ID]
     spec.config.unk_token = tgt_vocab[UNK_ID]
     spec.config.add_source_eos = True  # our sources are tokens + EOS
-    spec.config.layer_norm_epsilon = found["epsilon"]
+    spec.config.layer_norm_epsilon = epsilon
     return spec
 
 
@@ -318,9 +319,10 @@ def export_ctranslate2(checkpoint: str | Path | dict[str, Any], out_dir: str | P
     if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
         raise CheckpointError(f"{out_dir} exists and is not an empty folder: choose another "
                               "or remove it")
-    state = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
-    model, _, cfg = load_checkpoint(state, name=str(checkpoint) if not isinstance(
-        checkpoint, dict) else name, trust_modules=trust_modules)
+    in_memory = isinstance(checkpoint, dict)
+    state = checkpoint if in_memory else read_checkpoint(checkpoint)
+    model, _, cfg = load_checkpoint(state, name=name if in_memory else str(checkpoint),
+                                    trust_modules=trust_modules)
     src_vocab, tgt_vocab = vocabularies(state["tokenizer"])
     search = EvalConfig()  # evaluate.py's length limits
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
@@ -338,7 +340,7 @@ def export_ctranslate2(checkpoint: str | Path | dict[str, Any], out_dir: str | P
         if state["tokenizer"].get("kind") == "marian":  # for SentencePiece users
             fields = json.loads(state["tokenizer"]["src"])
             for side in ("source", "target"):
-                (tmp / f"{side}.spm").write_bytes(base64_bytes(fields[f"{side}_spm"]))
+                (tmp / f"{side}.spm").write_bytes(base64.b64decode(fields[f"{side}_spm"]))
         (tmp / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, out_dir)
     except OSError as error:
@@ -347,12 +349,6 @@ def export_ctranslate2(checkpoint: str | Path | dict[str, Any], out_dir: str | P
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
-
-
-def base64_bytes(text: str) -> bytes:
-    import base64
-
-    return base64.b64decode(text)
 
 
 def load_ctranslate2(directory: str | Path, device: str = "cpu", compute_type: str = "default",
