@@ -12,7 +12,8 @@ entropy), optimizer (AdamW 0.9/0.98/1e-9), schedule and clipping for all:
 
 Systems: ``ours`` is ``transformer.trainer.train_step`` (what the trainer runs); ``torch``
 is ``torch.nn.Transformer`` with embeddings, sinusoids and a tied output layer; ``marian``
-is Hugging Face's ``MarianMTModel`` (``pip install -e .[bench]``). The ``ours-*`` systems
+is Hugging Face's ``MarianMTModel`` (``pip install -e .[bench]``); ``--decode`` adds our model
+exported to CTranslate2, float and int8 weights. The ``ours-*`` systems
 switch one speed lever off (``OURS_VARIANTS``) to measure what it is worth.
 
 For each: target tokens/s, step time, peak memory (CUDA), FLOPs per step (counted once
@@ -448,8 +449,9 @@ def log(message: str) -> None:
 
 
 def measure_decoding(p: Preset, device: torch.device, beam: int, repeats: int = 2) -> list[dict]:
-    """Beam search sentences/s, ours against Marian's ``generate()``, every sentence exactly
-    ``decode_len`` tokens long and then EOS (EOS forbidden before, forced at the end)."""
+    """Beam search sentences/s, ours against Marian's ``generate()`` and our model in
+    CTranslate2, every sentence exactly ``decode_len`` tokens long and then EOS (EOS
+    forbidden before, forced at the end; CTranslate2: ``decode_len + 1`` steps, EOS never)."""
     precision = Precision.resolve(p.precision, device)
     src = random_batch(replace(p, batch_size=p.decode_batch), device, seed=1).src_tokens
     L = p.decode_len
@@ -484,7 +486,50 @@ def measure_decoding(p: Preset, device: torch.device, beam: int, repeats: int = 
                 input_ids=src, attention_mask=src.ne(PAD), num_beams=beam, do_sample=False,
                 max_new_tokens=L + 1, min_new_tokens=L + 1, early_stopping=True,
                 length_penalty=1.0))
+    tokens = [[f"t{i}" for i in row] for row in src.tolist()]
+    for name, translator in ctranslate2_translators(ours, p, device):
+        # L + 1 decoder steps, as ours: EOS forbidden throughout, the last step ends them.
+        timed(name, lambda t=translator: t.translate_batch(
+            tokens, beam_size=beam, length_penalty=1.0, max_decoding_length=L + 1,
+            min_decoding_length=L + 1, max_batch_size=0))
     return results
+
+
+CT2_TYPES = {"fp32": ("float32", "int8"), "bf16": ("bfloat16", "int8_bfloat16"),
+             "fp16": ("float16", "int8_float16")}  # each precision's float and int8 types
+
+
+def ctranslate2_translators(model: Transformer, p: Preset, device: torch.device) -> list:
+    """``[(name, ctranslate2.Translator)]``: ``model`` exported by our converter
+    (transformer/ctranslate2_export.py) with float and int8 weights, run with as many
+    threads as ours; none, with a line, without the ctranslate2 package."""
+    try:
+        import ctranslate2
+        from ctranslate2.converters import Converter
+    except ImportError:
+        log("decoding ctranslate2: ctranslate2 is missing (pip install -e .[bench]), skipped")
+        return []
+    import tempfile
+
+    from transformer.ctranslate2_export import build_spec
+
+    class Exported(Converter):
+        def _load(self):
+            spec = build_spec(model, vocab, vocab)
+            spec.config.add_source_eos = False  # the random sources carry no EOS: as ours
+            return spec
+
+    vocab = ["<pad>", "<s>", "</s>", "<unk>", *(f"t{i}" for i in range(4, p.vocab_size))]
+    folder = tempfile.mkdtemp(prefix="ct2-benchmark-")
+    translators = []
+    for compute_type in CT2_TYPES[p.precision]:
+        path = f"{folder}/{compute_type}"
+        with torch.no_grad():
+            Exported().convert(path, quantization=compute_type)
+        translators.append((f"ctranslate2 {compute_type}", ctranslate2.Translator(
+            path, device=device.type, compute_type=compute_type,
+            intra_threads=torch.get_num_threads() if device.type == "cpu" else 0)))
+    return translators
 
 
 # ---------------------------------------------------------------------------- report

@@ -136,9 +136,18 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    tensorboard: bool = True
+    """Where metrics go: each option of configs/logger/ turns its tracker on, so that
+    ``logger=[tensorboard,wandb]`` (several options of the group) turns on both."""
+
+    tensorboard: bool = False  # logger=tensorboard, train.yaml's default
+    wandb: bool = False  # logger=wandb: Weights & Biases (pip install -e ".[wandb]")
+    wandb_project: str = "transformer"
+    wandb_entity: str | None = None  # a W&B team or user; None: your default entity
+    mlflow: bool = False  # logger=mlflow (pip install -e ".[mlflow]")
+    mlflow_tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else MLflow's
+    mlflow_experiment: str = "transformer"
     n_examples: int = 3  # source / reference / hypothesis triples at each validation
-    attention_maps: bool = True
+    attention_maps: bool = True  # heat maps at each validation (TensorBoard)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from transformer.checkpoint import read_tokenizers
 from transformer.config import ConfigError, DataConfig
 from transformer.data import TranslationData, prepare_data
 from transformer.distributed import Distributed, init_distributed, main_first, wrap_for_training
-from transformer.logging import NullLogger, TensorBoardLogger
+from transformer.logging import NullLogger, build_logger, check_trackers
 from transformer.model import Transformer, build_model, count_parameters
 from transformer.optim import build_optimizer, build_scheduler
 from transformer.precision import Precision, resolve_device
@@ -67,6 +67,7 @@ class Run:
 
 
 def setup(cfg: DictConfig, run_dir: Path) -> Run:
+    check_trackers(cfg.logger)  # a missing wandb / mlflow package: before any slow work
     try:
         device = resolve_device(cfg.trainer.device)
     except RuntimeError as error:  # trainer.device=cuda on a machine without one
@@ -119,9 +120,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
         run.saved_step = run.state.step
     if device.type == "cuda":
         run.flops_per_token = measure_flops_per_token(run)
-    if cfg.logger.tensorboard and ddp.is_main:
-        # A resumed run purges events past its checkpoint and continues the same curves.
-        purge = run.state.step + 1 if resume_state is not None else None
-        run.logger = TensorBoardLogger(run_dir / "tb", purge_step=purge)
-        run.logger.hparams(flat_hparams(cfg), trial_name(run_dir))
+    if ddp.is_main:  # a resumed run continues the same curves (and W&B / MLflow runs)
+        run.logger = build_logger(cfg.logger, run_dir, run.state.step if resume_state
+                                  is not None else None, flat_hparams(cfg), trial_name(run_dir))
     return run
