@@ -9,6 +9,7 @@ batches; DistributedDataParallel averages the gradients, and only rank 0 writes 
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import inspect
 import itertools
@@ -96,7 +97,15 @@ def export_submitit_env() -> None:
 
 
 def shutdown() -> None:
+    """Destroy the process group, after the modules that use it (drop them first).
+
+    A DDP reducer freed after ``destroy_process_group`` is left holding the last reference
+    to gloo's group, whose destructor then joins gloo's threads with the GIL held, while a
+    thread still frees an all-gather's Python tensors and waits for the GIL: the process
+    hangs at exit (seen with torch 2.13, now and then). Freed here first (``gc.collect``:
+    DDP sits in reference cycles), the group's own destructor runs last, without the GIL."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

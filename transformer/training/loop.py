@@ -54,6 +54,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             barrier(run.ddp)
         finally:
             run.logger.close()
+            run.train_module = None  # DDP's reducer goes before the process group: shutdown
             shutdown()
     return run.state.best if run.state.best is not None else float("nan")
 
