@@ -39,6 +39,7 @@ from transformer.checkpoint import CheckpointError
 from transformer.components import PARTS
 from transformer.config import ConfigError
 from transformer.data import DataError
+from transformer.distributed import peer_lost
 
 # What a user can cause inside the task: the project's errors name the key, file or step;
 # an OSError names the file (a folder that cannot be written, a full disk).
@@ -62,6 +63,10 @@ def entry_point(config_name: str, schema: type) -> Callable[[Callable[[DictConfi
                 return task(cfg)
             except USER_ERRORS as error:  # exit here: Hydra would add a line of its own
                 fail(describe(error, known))
+            except RuntimeError as error:  # another rank died or hangs: not this one's fault
+                if message := peer_lost(error):
+                    fail(message, status=1)
+                raise
 
         hydra_main = hydra.main(version_base="1.3", config_path="configs",
                                 config_name=config_name)(checked_task)
@@ -84,16 +89,17 @@ def entry_point(config_name: str, schema: type) -> Callable[[Callable[[DictConfi
     return decorate
 
 
-def fail(message: str) -> NoReturn:
+def fail(message: str, status: int = 2) -> NoReturn:
     """Print ``error: message`` once on stderr (and into the run's log file, if one is
-    open, so that a run folder says why it stopped), then exit 2."""
+    open, so that a run folder says why it stopped), then exit ``status``: 2 for a user
+    error, 1 for a failure of the job (a lost rank)."""
     record = logging.LogRecord("transformer", logging.ERROR, __file__, 0, "error: %s",
                                (message,), None)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
 
 
 def check_config(cfg: DictConfig, known: list[str]) -> None:

@@ -15,6 +15,8 @@ import inspect
 import itertools
 import logging
 import os
+import re
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -224,13 +226,49 @@ def check_in_step(model: nn.Module, ddp: Distributed) -> str:
 
 
 def maybe_inject_fault(rank: int, step: int) -> None:
-    """Tests only: ``TRANSFORMER_FAULT_RANK=r TRANSFORMER_FAULT_STEP=s`` kill rank r as it
-    starts step s, as a crashed GPU or node would, to check the job ends and does not hang."""
+    """Tests only: ``TRANSFORMER_FAULT_RANK=r TRANSFORMER_FAULT_STEP=s`` make rank r fail as
+    it starts step s, in the first attempt of the job (torchrun's restarts resume past it):
+    it exits, as a crashed GPU or node would, or with ``TRANSFORMER_FAULT_KIND=stop`` it
+    stops (SIGSTOP), as a hung one would; the tests check that the job ends, not hangs."""
     fault_rank, fault_step = (os.environ.get(f"TRANSFORMER_FAULT_{key}") for key in
                               ("RANK", "STEP"))
-    if fault_rank is not None and int(fault_rank) == rank and int(fault_step) == step:
-        log.error("TRANSFORMER_FAULT_*: rank %d exits at step %d", rank, step)
-        os._exit(1)
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if fault_rank is None or int(fault_rank) != rank or int(fault_step) != step \
+            or not first_attempt:
+        return
+    if os.environ.get("TRANSFORMER_FAULT_KIND") == "stop":
+        log.error("TRANSFORMER_FAULT_*: rank %d stops at step %d", rank, step)
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return
+    log.error("TRANSFORMER_FAULT_*: rank %d exits at step %d", rank, step)
+    os._exit(1)
+
+
+# What gloo and NCCL say when a peer is gone (its process or node died: the connection
+# drops) or hangs (a collective waits past trainer.dist_timeout_s).
+PEER_LOST = re.compile(r"Connection (reset|closed) by peer|Broken pipe|Timed out waiting|"
+                       r"timed out|Watchdog caught collective operation timeout|"
+                       r"NCCL communicator was aborted", re.IGNORECASE)
+
+
+def peer_lost(error: BaseException) -> str | None:
+    """One line for an error of a collective whose peer died or hangs, else None.
+
+    The rank that sees it did nothing wrong: it says what gloo or NCCL reported, without
+    the trace of the collective it was in, and how to go on. Checkpoints are written
+    through a temporary file, so the newest one on disk is whole."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or not isinstance(error, RuntimeError):
+        return None
+    text = str(error).strip()
+    match = PEER_LOST.search(text)
+    if not match:
+        return None
+    line = next((line for line in text.splitlines() if PEER_LOST.search(line)), match[0])
+    line = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", line.strip())  # gloo's source line
+    line = line.split(". This is typically caused", 1)[0]
+    return (f"rank {os.environ.get('RANK', '?')} lost another rank of the job ({line}): a "
+            "process or node died or hangs (see its log). Restart the job with "
+            "trainer.resume=auto: it continues from the newest checkpoint")
 
 
 def run_stamp(root: str | None = None) -> str:
