@@ -49,6 +49,20 @@ class ModelConfig:
 
 
 @dataclass
+class ExtraCorpusConfig:
+    """A further training corpus mixed into the train split (``data.extra_train``): parallel
+    files ``root / file_pattern`` of its ``split``, repeated ``weight`` times an epoch, each
+    source sentence prefixed with ``tag`` (a token of its own; e.g. ``<BT>`` for
+    back-translated data, Caswell et al. 2019) when one is given."""
+
+    root: str = MISSING
+    split: str = "train"
+    file_pattern: str = "{split}.{lang}"
+    weight: int = 1  # copies of the corpus in each epoch (upsampling)
+    tag: str | None = None
+
+
+@dataclass
 class DataConfig:
     source: str = "multi30k"  # multi30k | parallel_files | hub
     root: str | None = None  # multi30k / parallel_files directory
@@ -73,6 +87,8 @@ class DataConfig:
     allow_long_eval: bool = False  # keep (truncate) over-long val/test pairs instead of failing
     max_tokens: int = 4096  # padded source or target tokens per batch (fairseq --max-tokens)
     max_sentences: int | None = None
+    # more training corpora, mixed into the train split with weights and tags
+    extra_train: list[ExtraCorpusConfig] = field(default_factory=list)
     cache_dir: str = ".cache/data"
     download: bool = True  # download Multi30k when root is missing and the machine is online
 

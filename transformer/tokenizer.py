@@ -44,15 +44,18 @@ class Tokenizer:
         self._tokenizer = tokenizer
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, lowercase: bool = False) -> Tokenizer:
+    def train(cls, texts: Iterable[str], vocab_size: int, lowercase: bool = False,
+              tags: Sequence[str] = ()) -> Tokenizer:
         """Learn BPE merges on ``texts`` until the vocabulary (specials and the 256 byte
-        symbols included) holds ``vocab_size`` tokens, or fewer if the text runs out."""
+        symbols included) holds ``vocab_size`` tokens, or fewer if the text runs out.
+        ``tags`` (``<BT>``, ...) become tokens of their own after the specials: found whole
+        in a text, never split (``data.extra_train``)."""
         tokenizer = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
         tokenizer.normalizer = _normalizer(lowercase)
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
         tokenizer.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+            vocab_size=vocab_size, special_tokens=[*SPECIAL_TOKENS, *tags], show_progress=False,
             # all 256 bytes from the start, so text unseen in training still encodes
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         tokenizer.train_from_iterator(_chunks(texts, 1000), trainer)  # lists: fewer hand-offs
@@ -83,6 +86,10 @@ class Tokenizer:
         texts = self._tokenizer.decode_batch([_until_eos(ids) for ids in batch],
                                              skip_special_tokens=True)
         return [text.strip() for text in texts]
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of ``token`` (``<BT>``, ``<s>``, a BPE piece), None if it is not one."""
+        return self._tokenizer.token_to_id(token)
 
     def tokens(self, text: str) -> list[str]:
         """The subwords of ``text`` as readable strings (``▁`` marks a word start), e.g. for

@@ -18,6 +18,7 @@ import tokenizers
 
 from transformer.config import DataConfig
 from transformer.data.corpora import FileCorpus, HubCorpus, open_corpus
+from transformer.data.mixing import MixedCorpus, mix
 from transformer.data.storage import (
     FIELDS,
     EncodedSplit,
@@ -44,7 +45,7 @@ def prepare_data(cfg: DataConfig, splits: Sequence[str] | None = None,
     ``lowercase`` then do not apply)."""
     names = list(dict.fromkeys(splits or [cfg.train_split, cfg.valid_split, *cfg.test_splits]))
     _check_cache_dir(cfg.cache_dir)
-    corpus = open_corpus(cfg, names)
+    corpus = mix(open_corpus(cfg, names), cfg)
     tokenizer_key = _hash(CACHE_VERSION, tokenizers.__version__, corpus.key(cfg.train_split),
                           cfg.src_lang, cfg.tgt_lang, cfg.vocab_size, cfg.joint_vocab,
                           cfg.lowercase)
@@ -92,7 +93,7 @@ def _hash(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
-def _tokenizers(cfg: DataConfig, corpus: FileCorpus | HubCorpus, cache: Path,
+def _tokenizers(cfg: DataConfig, corpus: FileCorpus | HubCorpus | MixedCorpus, cache: Path,
                 log: Callable[[str], Any]) -> tuple[Tokenizer, Tokenizer]:
     """The cached tokenizer(s) of this key, or new ones trained on the training split."""
     sides = {"tokenizer.json": (0, 1)} if cfg.joint_vocab else {"src_tokenizer.json": (0,),
@@ -104,9 +105,12 @@ def _tokenizers(cfg: DataConfig, corpus: FileCorpus | HubCorpus, cache: Path,
             log(f"tokenizer: loaded {path}")
         else:
             start = time.perf_counter()
-            texts = (text for chunk in corpus.chunks(cfg.train_split) for i in side
-                     for text in chunk[i])
-            tokenizer = Tokenizer.train(texts, cfg.vocab_size, cfg.lowercase)
+            mixed = isinstance(corpus, MixedCorpus)  # each corpus of a mix once, unweighted
+            chunks = corpus.chunks(cfg.train_split, weighted=False) if mixed \
+                else corpus.chunks(cfg.train_split)
+            texts = (text for chunk in chunks for i in side for text in chunk[i])
+            tokenizer = Tokenizer.train(texts, cfg.vocab_size, cfg.lowercase,
+                                        tags=corpus.tags if mixed and 0 in side else ())
             cache.mkdir(parents=True, exist_ok=True)  # only now: bad data leaves no folder
             _write_once(path, tokenizer.save)
             log(f"tokenizer: trained {tokenizer.vocab_size} BPE tokens on the "
@@ -128,7 +132,7 @@ def _write_once(path: Path, write: Callable[[Path], Any]) -> None:
         partial.unlink()
 
 
-def _encoded_split(cfg: DataConfig, corpus: FileCorpus | HubCorpus, split: str,
+def _encoded_split(cfg: DataConfig, corpus: FileCorpus | HubCorpus | MixedCorpus, split: str,
                    tokenizer_pair: tuple[Tokenizer, Tokenizer], cache: Path,
                    log: Callable[[str], Any]) -> EncodedSplit:
     start = time.perf_counter()
@@ -186,7 +190,7 @@ class _SplitEncoder:
     """Filters and encodes one split, chunk by chunk, counting what it keeps and drops."""
 
     cfg: DataConfig
-    corpus: FileCorpus | HubCorpus
+    corpus: FileCorpus | HubCorpus | MixedCorpus
     split: str
     tokenizer_pair: tuple[Tokenizer, Tokenizer]
     stats: SplitStats = field(init=False)
