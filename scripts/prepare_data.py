@@ -18,8 +18,9 @@ import time
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from transformer.config import register_configs
+from transformer.config import ConfigError, register_configs
 from transformer.data import DataError, prepare_data
+from transformer.tokenizer_files import tokenizers_from_config
 
 register_configs()
 
@@ -32,8 +33,9 @@ QUIET_HYDRA = ("hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging
 def main(cfg: DictConfig) -> None:
     start = time.perf_counter()
     try:
-        data = prepare_data(OmegaConf.to_object(cfg.data))
-    except DataError as error:
+        data_cfg = OmegaConf.to_object(cfg.data)
+        data = prepare_data(data_cfg, given_tokenizers=tokenizers_from_config(data_cfg))
+    except (DataError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
     print(data.stats_table())

@@ -44,7 +44,8 @@ from transformer.distributed import peer_lost
 # What a user can cause inside the task: the project's errors name the key, file or step;
 # an OSError names the file (a folder that cannot be written, a full disk).
 USER_ERRORS = (ConfigError, DataError, CheckpointError, FloatingPointError, OSError)
-DATA_PATH_KEYS = ("data.root", "data_root")  # train.py's and evaluate.py's
+DATA_PATH_KEYS = ("data.root", "data_root",  # train.py's and evaluate.py's
+                  "data.tokenizer", "data.src_tokenizer", "data.tgt_tokenizer")
 
 
 def entry_point(config_name: str, schema: type) -> Callable[[Callable[[DictConfig], Any]],
@@ -193,3 +194,6 @@ def absolute_data_paths(cfg: DictConfig, start: str) -> None:
         value = OmegaConf.select(cfg, key)
         if value:
             OmegaConf.update(cfg, key, os.path.abspath(os.path.join(start, value)))
+    for extra in OmegaConf.select(cfg, "data.extra_train") or []:  # data/mixing.py
+        if extra.root:
+            extra.root = os.path.abspath(os.path.join(start, extra.root))

@@ -78,7 +78,11 @@ class DataConfig:
     hub_name: str | None = None
     hub_config: str | None = None
     streaming: bool = False
-    # tokenizer
+    # tokenizer: learned BPE, or your own file (tokenizer.json or SentencePiece .model;
+    # transformer/tokenizer_files.py), for both sides or one per side
+    tokenizer: str | None = None
+    src_tokenizer: str | None = None
+    tgt_tokenizer: str | None = None
     vocab_size: int = 8000
     joint_vocab: bool = True
     lowercase: bool = False

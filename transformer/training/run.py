@@ -23,6 +23,7 @@ from transformer.model import Transformer, build_model, count_parameters
 from transformer.optim import build_optimizer, build_scheduler
 from transformer.precision import Precision, resolve_device
 from transformer.resume import adopt_tokenizer_settings, data_fingerprint, data_order_changes
+from transformer.tokenizer_files import tokenizers_from_config
 from transformer.training.host import choose_threads, retain_freed_memory, seed_everything
 from transformer.training.metrics import Meter, flat_hparams, measure_flops_per_token, trial_name
 from transformer.training.state import (
@@ -81,7 +82,10 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     torch.set_num_threads(threads)
     log.info("CPU threads: %d (%s)", threads, why)
     init_state, resume_state = find_start(cfg.trainer, run_dir)  # before any slow work
-    given_tokenizers = None
+    given_tokenizers = tokenizers_from_config(cfg.data)  # data.tokenizer: the user's own
+    if given_tokenizers is not None and init_state is not None:
+        raise ConfigError("trainer.init_from brings its checkpoint's tokenizer: leave "
+                          "data.tokenizer (and data.src_tokenizer / tgt_tokenizer) unset")
     if init_state is not None:  # fine-tuning: the checkpoint's architecture and tokenizer
         adopt_architecture(cfg, init_state["config"]["model"])
         given_tokenizers = read_tokenizers(init_state["tokenizer"])
