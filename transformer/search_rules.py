@@ -110,8 +110,7 @@ def pad_prefixes(prefixes: list[list[int]], pad_id: int, device: torch.device
     """Target prefixes (token lists, some maybe empty) -> ``(tokens (B, P), lengths (B,))``
     for ``Rules``."""
     lengths = torch.tensor([len(p) for p in prefixes], dtype=torch.long)
-    tokens = torch.full((len(prefixes), max(1, int(lengths.max(initial=0)))), pad_id,
-                        dtype=torch.long)
+    tokens = torch.full((len(prefixes), max(1, *map(len, prefixes))), pad_id, dtype=torch.long)
     for row, prefix in enumerate(prefixes):
         tokens[row, : len(prefix)] = torch.tensor(prefix, dtype=torch.long)
     return tokens.to(device), lengths.to(device)
