@@ -5,8 +5,16 @@
 right-padded sources. The encoder runs once; each step feeds the decoder only the newest
 token and reuses the keys/values of earlier positions from a ``DecoderCache``
 (``use_cache=False`` recomputes the whole prefix instead: same results, used by the tests).
-``translate`` wraps them for lists of sentences: tokenize, batch by tokens, detokenize.
-Each takes a ``Transformer`` or an ``Ensemble`` of them (``transformer.ensemble``).
+``sample_search(model, src_tokens, sampler)`` draws each next token at random instead
+(temperature, top-k, top-p: ``transformer.sampling``). ``translate`` wraps them for lists
+of sentences: tokenize, batch by tokens, detokenize; ``translate_nbest`` gives each
+sentence's n-best list with scores. Each takes a ``Transformer`` or an ``Ensemble`` of
+them (``transformer.ensemble``).
+
+Options every search takes (``transformer.search_rules``): ``prefix_tokens``, one forced
+target prefix a sentence (the output starts with it; batched, any lengths), and
+``no_repeat_ngram_size``. Every ``Hypothesis`` has the model's log-probability of each of
+its tokens and EOS (``token_logprobs``): what teacher forcing the hypothesis gives.
 
 Conventions (fairseq's): the source is ``tokens + [EOS]``; a hypothesis starts from BOS
 and ends at EOS. At most ``int(max_len_a * src_len + max_len_b)`` tokens are generated
@@ -86,7 +94,8 @@ class Prefixes:
         self.model, self.memory, self.src_padding_mask = model, memory, src_padding_mask
         self.cache = model.new_cache() if use_cache else None
         self.tokens = memory.new_full((memory.size(0), 1), bos_id, dtype=torch.long)  # (R, 1)
-        self.token_lprobs = memory.new_zeros((memory.size(0), 0), dtype=torch.float32)  # (R, 0)
+        self.token_lprobs = memory.new_zeros(  # (R, 0), the dtype of ``next_logprobs``
+            (memory.size(0), 0), dtype=torch.promote_types(memory.dtype, torch.float32))
 
     def next_logprobs(self) -> Tensor:
         """Log-probabilities (R, V) of the token after each prefix, at least float32 (a

@@ -157,7 +157,8 @@ def settings_name(cfg: EvalConfig | DictConfig, precision: str) -> str:
     other settings write files of their own: ``beam5.lenpen0.6.checkpoint_best``, or
     ``beam5.lenpen1.4.avg10`` (the run's newest 10, averaged), then ``.ens3`` for an
     ensemble of 3; the length limits and precision only where not the defaults
-    (``maxlen1.5x+5``, ``minlen0``, ``bf16``)."""
+    (``maxlen1.5x+5``, ``minlen0``, ``bf16``). Other searches and their options name
+    themselves in place of ``beam5.lenpen0.6`` (``search_options.search_name``)."""
     defaults = EvalConfig()
     parts = search_name(cfg)  # beam5.lenpen0.6, greedy, sample.topp0.9.seed1, ...
     if (cfg.max_len_a, cfg.max_len_b) != (defaults.max_len_a, defaults.max_len_b):
