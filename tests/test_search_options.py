@@ -324,3 +324,19 @@ def test_greedy_reference_still_holds_without_options():
     for i, hypothesis in enumerate(greedy_search(model, src_tokens, max_len_a=1.0, max_len_b=2)):
         src = unpadded(src_tokens, i)
         assert hypothesis.tokens == reference_greedy(model, src, len(src) + 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_samples_equal_cpu_samples_and_prefixes_hold():
+    # The uniforms are drawn on the CPU: a float64 model samples the same on either device.
+    model, src_tokens = random_model(eos_bias=-0.5), random_sources([5, 2, 7, 3], seed=7)
+    kwargs = dict(max_len_b=6, prefix_tokens=PREFIXES, no_repeat_ngram_size=2)
+    sampler = Sampler(temperature=0.9, top_p=0.95, seed=4)
+    cpu = sample_search(model, src_tokens, sampler, **kwargs)
+    cuda = sample_search(model.cuda(), src_tokens.cuda(), sampler, **kwargs)
+    assert [h.tokens for h in cuda] == [h.tokens for h in cpu]
+    results = beam_search(model, src_tokens.cuda(), beam=3, n_best=3, **kwargs)
+    for i, n_best in enumerate(results):
+        assert all(h.tokens[: len(PREFIXES[i])] == PREFIXES[i] for h in n_best)
+    assert_teacher_forced(model.cpu(), src_tokens, results)

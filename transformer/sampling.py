@@ -14,7 +14,8 @@ searches' next-token log-probabilities into a distribution and draws one token a
 The draw is an inverse-CDF lookup of one uniform number a row. Each sentence gets its own
 stream of uniforms, from a ``torch.Generator`` seeded by ``(seed, the sentence's id)``:
 a sentence's sample depends on the seed and its id only, not on the other sentences of
-its batch, how the batches were cut, or the device (the uniforms are drawn on the CPU).
+its batch or how the batches were cut; nor on the device (the uniforms are drawn on the
+CPU), but for a uniform that falls, within float rounding, on a boundary of the CDF.
 """
 
 from __future__ import annotations
