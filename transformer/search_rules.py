@@ -54,16 +54,17 @@ def ban_repeated_ngrams(lprobs: Tensor, tokens: Tensor, n: int) -> Tensor:
     """Set to -inf, in place, in ``lprobs`` (R, V) each token that would complete an
     n-gram already in its row of ``tokens`` (R, t) (the hypothesis so far, BOS first):
     the last ``n - 1`` tokens are compared with every earlier window of ``n - 1``."""
-    R, t = tokens.shape
-    if n < 1 or t < n:  # (BOS counts: the first n-gram can repeat once t - 1 >= n)
+    t = tokens.size(1)
+    if n < 1 or t < n:  # no whole n-gram yet
         return lprobs
     # Every n-gram (R, t - n + 1, n) of the hypothesis; its last token is banned where its
     # first n - 1 equal the hypothesis's last n - 1 tokens.
     ngrams = tokens.unfold(1, n, 1)  # (R, W, n)
     matches = (ngrams[:, :, :-1] == tokens[:, None, t - n + 1:]).all(dim=-1)  # (R, W)
-    rows, windows = matches.nonzero(as_tuple=True)
-    lprobs[rows, ngrams[rows, windows, -1]] = NEG_INF
-    return lprobs
+    # Counted per token with a scatter, not listed with nonzero(): no wait for the GPU.
+    counts = torch.zeros(lprobs.shape, dtype=torch.int32, device=lprobs.device)
+    counts.scatter_add_(1, ngrams[:, :, -1], matches.int())  # (R, V)
+    return lprobs.masked_fill_(counts > 0, NEG_INF)
 
 
 def forced(lprobs: Tensor, tokens: Tensor) -> Tensor:
