@@ -57,6 +57,10 @@ MISSPELT = "error: trainer.max_step is not a config key; did you mean trainer.ma
      "error: beams is not a config key; did you mean beam?"),
     ("evaluate.py", ["checkpoint=x.pt", "model=tiny"],  # a group of train.py only
      "error: model is not a config key; did you mean mode?"),
+    # search options that cannot work, refused before the checkpoint is read
+    ("evaluate.py", ["checkpoint=x.pt", "search=sample", "top_p=1.5"],
+     "error: top_p=1.5 must be in (0, 1] (1: no nucleus filter)"),
+    ("evaluate.py", ["checkpoint=x.pt", "nbest=6"], "error: nbest=6 must be at most beam=5"),
     # a wrong type, an unknown group option, an override that does not parse
     ("train.py", ["model.d_model=abc"],
      "error: model.d_model: Value 'abc' of type 'str' could not be converted to Integer"),

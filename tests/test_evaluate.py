@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -389,3 +390,94 @@ def test_readme_python_snippet_runs_on_this_machine(tmp_path):
     assert isinstance(outputs, list) and len(outputs) == 1 and isinstance(outputs[0], str)
     expected_device = "cuda" if torch.cuda.is_available() else "cpu"
     assert next(namespace["model"].parameters()).device.type == expected_device
+
+
+def files_mode(tmp_path, lines: list[str], **overrides) -> EvalConfig:
+    """A files-mode config over ``lines`` written to in.en, output in ``tmp_path``."""
+    (tmp_path / "in.en").write_text("".join(line + "\n" for line in lines))
+    return eval_config(mode="files", src_file=str(tmp_path / "in.en"), output_dir=str(tmp_path),
+                       **overrides)
+
+
+def test_nbest_writes_json_lines_beside_the_best_translations(tmp_path):
+    path = make_checkpoint(tmp_path / "a.pt")
+    lines = ["a dog runs.", "", "two children play."]
+    evaluate(files_mode(tmp_path, lines, checkpoint=str(path), beam=3, nbest=3,
+                        token_scores=True))
+    (jsonl,) = tmp_path.glob("in.en.beam3.lenpen0.6.*.nbest.jsonl")
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [(r["id"], r["rank"]) for r in records] == [(0, 0), (0, 1), (0, 2), (1, 0), (2, 0),
+                                                       (2, 1), (2, 2)]
+    best = [r["hypothesis"] for r in records if r["rank"] == 0]
+    assert hyp_file(tmp_path, "in.en").read_text().splitlines() == best
+    model, tokenizer, _ = load_checkpoint(path)
+    assert best == translate(model, tokenizer, lines, beam=3, max_len_b=5)
+    for sentence in (0, 2):
+        ranked = [r for r in records if r["id"] == sentence]
+        assert [r["normalized_score"] for r in ranked] == sorted(
+            (r["normalized_score"] for r in ranked), reverse=True)
+        for r in ranked:
+            assert len(r["tokens"]) == len(r["token_scores"]) and r["tokens"][-1] == "</s>"
+            assert r["score"] == pytest.approx(sum(r["token_scores"]), abs=1e-4)
+            assert r["normalized_score"] == pytest.approx(
+                r["score"] / len(r["token_scores"]) ** 0.6, abs=1e-5)
+    assert records[3] == {"id": 1, "rank": 0, "hypothesis": "", "score": 0.0,
+                          "normalized_score": 0.0, "tokens": [], "token_scores": []}
+
+
+def test_sampling_is_seeded_and_named_by_its_settings(tmp_path):
+    path = make_checkpoint(tmp_path / "a.pt")
+    lines = ["a dog runs.", "two children play.", "a man rides a bike."]
+    outputs = {}
+    for seed, run in [(3, "a"), (3, "b"), (4, "c")]:
+        out = tmp_path / run
+        out.mkdir()
+        evaluate(files_mode(out, lines, checkpoint=str(path), search="sample", top_p=0.95,
+                            seed=seed, max_len_b=8))
+        outputs[run] = (out / f"in.en.sample.topp0.95.seed{seed}.maxlen1.2x+8.a.hyp").read_text()
+    assert outputs["a"] == outputs["b"] and outputs["a"] != outputs["c"]
+
+
+def test_prefix_and_prefix_file_start_the_translations(tmp_path):
+    path = make_checkpoint(tmp_path / "a.pt")
+    model, tokenizer, _ = load_checkpoint(path)
+    lines = ["a dog runs.", "two children play."]
+    evaluate(files_mode(tmp_path, lines, checkpoint=str(path), prefix="ein hund",
+                        no_repeat_ngram_size=2))
+    (hyp,) = tmp_path.glob("in.en.beam2.lenpen0.6.norepeat2.prefix*.a.hyp")
+    assert all(line.startswith("ein hund") for line in hyp.read_text().splitlines())
+    (tmp_path / "prefixes.de").write_text("zwei\nein mann\n")
+    evaluate(files_mode(tmp_path, lines, checkpoint=str(path), search="greedy",
+                        prefix_file=str(tmp_path / "prefixes.de")))
+    (hyp,) = tmp_path.glob("in.en.greedy.prefix*.a.hyp")
+    first, second = hyp.read_text().splitlines()
+    assert first.startswith("zwei") and second.startswith("ein mann")
+    (tmp_path / "prefixes.de").write_text("zwei\n")
+    with pytest.raises(ConfigError, match="prefix_file=.* has 1 lines, src_file 2"):
+        evaluate(files_mode(tmp_path, lines, checkpoint=str(path),
+                            prefix_file=str(tmp_path / "prefixes.de")))
+
+
+def test_interactive_nbest_prints_json_lines(tmp_path):
+    path = make_checkpoint(tmp_path / "a.pt")
+    out = io.StringIO()
+    evaluate(eval_config(checkpoint=str(path), mode="interactive", nbest=2),
+             stdin=io.StringIO("a dog runs.\ntwo children play.\n"), stdout=out)
+    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(r["id"], r["rank"]) for r in records] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"search": "sample", "top_p": 0.0}, "top_p=0.0 must be in"),
+    ({"search": "sample", "temperature": -1.0}, "temperature=-1.0 must be > 0"),
+    ({"search": "sample", "top_k": -1}, "top_k=-1 must be >= 0"),
+    ({"nbest": 3}, "nbest=3 must be at most beam=2"),
+    ({"nbest": 2, "search": "sample"}, "nbest=2 needs search=beam"),
+    ({"search": "topk"}, "search='topk' is not one of"),
+    ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size=-1 must be >= 0"),
+    ({"prefix_file": "p.txt"}, "prefix_file needs mode=files"),
+    ({"prefix_file": "p.txt", "prefix": "x", "mode": "files"}, "prefix and prefix_file"),
+])
+def test_bad_search_options_name_their_key_before_loading(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        evaluate(eval_config(checkpoint="does-not-exist.pt", **overrides))

@@ -35,6 +35,9 @@ _EXPORTS = {
     "translate": "transformer.decoding",
     "greedy_search": "transformer.decoding",
     "beam_search": "transformer.decoding",
+    "sample_search": "transformer.decoding",
+    "translate_nbest": "transformer.decoding",
+    "Sampler": "transformer.sampling",
     "Ensemble": "transformer.ensemble",
 }
 

@@ -205,6 +205,17 @@ class EvalConfig:
     max_len_a: float = 1.2
     max_len_b: int = 10
     min_len: int = 1
+    # Search options (README "Search options"): beam (greedy at beam=1) | greedy | sample
+    search: str = "beam"
+    temperature: float = 1.0  # search=sample: < 1 sharpens the distribution, > 1 flattens it
+    top_k: int = 0  # search=sample: draw from the k most probable tokens only; 0: all
+    top_p: float = 1.0  # search=sample: from the nucleus of probability top_p only; 1: all
+    seed: int = 1  # search=sample: the same seed (and line) gives the same sample
+    nbest: int = 1  # >1: the nbest best hypotheses of beam search, as JSON lines (.nbest.jsonl)
+    token_scores: bool = False  # the JSON lines also give each token's log-probability
+    prefix: str | None = None  # every translation starts with this text (e.g. a language tag)
+    prefix_file: str | None = None  # mode=files: one prefix a line of src_file
+    no_repeat_ngram_size: int = 0  # >0: no n-gram of this size twice in a translation
     batch_tokens: int = 8192
     device: str = "auto"
     precision: str = "auto"  # autocast while translating; auto: bf16 on a GPU, fp32 on the CPU

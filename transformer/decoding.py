@@ -5,8 +5,16 @@
 right-padded sources. The encoder runs once; each step feeds the decoder only the newest
 token and reuses the keys/values of earlier positions from a ``DecoderCache``
 (``use_cache=False`` recomputes the whole prefix instead: same results, used by the tests).
-``translate`` wraps them for lists of sentences: tokenize, batch by tokens, detokenize.
-Each takes a ``Transformer`` or an ``Ensemble`` of them (``transformer.ensemble``).
+``sample_search(model, src_tokens, sampler)`` draws each next token at random instead
+(temperature, top-k, top-p: ``transformer.sampling``). ``translate`` wraps them for lists
+of sentences: tokenize, batch by tokens, detokenize; ``translate_nbest`` gives each
+sentence's n-best list with scores. Each takes a ``Transformer`` or an ``Ensemble`` of
+them (``transformer.ensemble``).
+
+Options every search takes (``transformer.search_rules``): ``prefix_tokens``, one forced
+target prefix a sentence (the output starts with it; batched, any lengths), and
+``no_repeat_ngram_size``. Every ``Hypothesis`` has the model's log-probability of each of
+its tokens and EOS (``token_logprobs``): what teacher forcing the hypothesis gives.
 
 Conventions (fairseq's): the source is ``tokens + [EOS]``; a hypothesis starts from BOS
 and ends at EOS. At most ``int(max_len_a * src_len + max_len_b)`` tokens are generated
@@ -45,20 +53,22 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from transformer.config import ConfigError
 from transformer.ensemble import Ensemble
 from transformer.model import Transformer
 from transformer.precision import Precision
+from transformer.sampling import Sampler
+from transformer.search_rules import NEG_INF, Rules, SpecialIds, pad_prefixes
 from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
-NEG_INF = float("-inf")
 log = logging.getLogger(__name__)
 
 
@@ -66,29 +76,26 @@ log = logging.getLogger(__name__)
 class Hypothesis:
     """One finished translation."""
 
-    tokens: list[int]  # without BOS and EOS
+    tokens: list[int]  # without BOS and EOS; a forced prefix included
     score: float  # logprob / (len(tokens) + 1) ** lenpen
     logprob: float  # sum of the log-probabilities of the tokens and EOS
-
-
-@dataclass
-class SpecialIds:
-    """The ids the search treats specially (the defaults: ``transformer.tokenizer``'s)."""
-
-    bos: int = BOS_ID
-    eos: int = EOS_ID
-    pad: int = PAD_ID
+    # the model's log-probability of each token, then of EOS (len(tokens) + 1 of them)
+    token_logprobs: list[float] = field(default_factory=list)
+    text: str | None = None  # the detokenized tokens (set by ``translate_nbest``)
 
 
 class Prefixes:
     """The target prefixes being extended, one a row, with what the decoder needs for
-    them: the encoder output, its padding mask and (with ``use_cache``) the cache."""
+    them: the encoder output, its padding mask, (with ``use_cache``) the cache, and the
+    log-probability of each token after BOS."""
 
     def __init__(self, model: Transformer | Ensemble, memory: Tensor, src_padding_mask: Tensor,
                  bos_id: int, use_cache: bool):
         self.model, self.memory, self.src_padding_mask = model, memory, src_padding_mask
         self.cache = model.new_cache() if use_cache else None
         self.tokens = memory.new_full((memory.size(0), 1), bos_id, dtype=torch.long)  # (R, 1)
+        self.token_lprobs = memory.new_zeros(  # (R, 0), the dtype of ``next_logprobs``
+            (memory.size(0), 0), dtype=torch.promote_types(memory.dtype, torch.float32))
 
     def next_logprobs(self) -> Tensor:
         """Log-probabilities (R, V) of the token after each prefix, at least float32 (a
@@ -99,14 +106,16 @@ class Prefixes:
         logits = logits[:, -1]  # (R, V)
         return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
 
-    def advance(self, new_tokens: Tensor, rows: Tensor | None = None,
+    def advance(self, new_tokens: Tensor, new_lprobs: Tensor, rows: Tensor | None = None,
                 sentences_left: bool = False) -> None:
         """Keep the prefixes ``rows`` (R_new,) (all when None), in that order, and append
-        ``new_tokens`` (R_new,). ``sentences_left``: some sentences ended and their rows
-        go; otherwise rows only move among the beams of one sentence, whose memory rows
-        are equal and need no copy."""
+        ``new_tokens`` (R_new,) of log-probabilities ``new_lprobs`` (R_new,).
+        ``sentences_left``: some sentences ended and their rows go; otherwise rows only
+        move among the beams of one sentence, whose memory rows are equal and need no copy."""
         kept = self.tokens if rows is None else self.tokens[rows]
         self.tokens = torch.cat([kept, new_tokens[:, None]], dim=1)  # (R_new, t + 1)
+        kept = self.token_lprobs if rows is None else self.token_lprobs[rows]
+        self.token_lprobs = torch.cat([kept, new_lprobs[:, None].to(kept)], dim=1)  # (R_new, t)
         if rows is not None and self.cache is not None:
             self.cache.reorder(rows, cross_attention=sentences_left)
         if sentences_left:
@@ -134,21 +143,24 @@ def max_lengths(model: Transformer | Ensemble, src_tokens: Tensor, max_len_a: fl
     return (max_len_a * src_lengths + max_len_b).long().clamp(0, limit)
 
 
-def constrain(lprobs: Tensor, step: int, min_len: int, force_eos: Tensor,
-              ids: SpecialIds) -> Tensor:
-    """Set to -inf, in place, the tokens that may not come next in ``lprobs`` (R, V):
-    pad and BOS always, EOS before ``min_len``; rows where ``force_eos`` (R,) (CPU bool,
-    the maximum length is reached) may take only EOS, with the model's probability."""
-    eos_lprobs = lprobs[:, ids.eos].clone()  # (R,)
-    lprobs[:, ids.pad] = NEG_INF
-    lprobs[:, ids.bos] = NEG_INF
-    if step < min_len:
-        lprobs[:, ids.eos] = NEG_INF
-    if force_eos.any():
-        forced = force_eos.to(lprobs.device)
-        lprobs.masked_fill_(forced[:, None], NEG_INF)
-        lprobs[:, ids.eos] = torch.where(forced, eos_lprobs, lprobs[:, ids.eos])
-    return lprobs
+def search_rules(model: Transformer | Ensemble, src_tokens: Tensor, max_len_a: float,
+                 max_len_b: int, min_len: int, ids: SpecialIds, no_repeat_ngram_size: int,
+                 prefix_tokens: list[list[int]] | None) -> tuple[Tensor, Rules]:
+    """-> the maximum lengths (B,) (CPU) and the ``Rules`` of a search. A sentence's
+    forced prefix is always generated whole: its maximum length is at least the prefix's."""
+    max_lens = max_lengths(model, src_tokens, max_len_a, max_len_b, ids.pad)  # (B,)
+    rules = Rules(ids, min_len, no_repeat_ngram_size)
+    if prefix_tokens is not None:
+        if len(prefix_tokens) != src_tokens.size(0):
+            raise ValueError(f"{len(prefix_tokens)} prefixes for {src_tokens.size(0)} sources")
+        for prefix in prefix_tokens:
+            if len(prefix) > model.max_len - 1 or {ids.bos, ids.eos, ids.pad} & set(prefix):
+                raise ValueError(f"prefix {prefix}: at most max_len - 1 = {model.max_len - 1} "
+                                 "tokens, none of them BOS, EOS or pad")
+        rules.prefix_tokens, rules.prefix_lengths = pad_prefixes(prefix_tokens, ids.pad,
+                                                                 src_tokens.device)
+        max_lens = torch.maximum(max_lens, rules.prefix_lengths.cpu())
+    return max_lens, rules
 
 
 def normalized(logprob: float, n_tokens: int, lenpen: float) -> float:
@@ -156,57 +168,108 @@ def normalized(logprob: float, n_tokens: int, lenpen: float) -> float:
     return logprob / n_tokens**lenpen
 
 
-def check_arguments(src_tokens: Tensor, beam: int, n_best: int, min_len: int) -> None:
+def check_arguments(src_tokens: Tensor, beam: int, n_best: int, min_len: int,
+                    no_repeat_ngram_size: int = 0) -> None:
+    """ConfigError (a ValueError) naming the argument, as evaluate.py's key of that name."""
     if src_tokens.dim() != 2:
         raise ValueError(f"src_tokens must be (B, S), got shape {tuple(src_tokens.shape)}")
     if beam < 1:
-        raise ValueError(f"beam={beam} must be at least 1")
+        raise ConfigError(f"beam={beam} must be at least 1")
     if not 1 <= n_best <= beam:
-        raise ValueError(f"n_best={n_best} must be in [1, beam={beam}]")
+        raise ConfigError(f"n_best={n_best} must be in [1, beam={beam}]")
     if min_len < 0:
-        raise ValueError(f"min_len={min_len} must be >= 0")
+        raise ConfigError(f"min_len={min_len} must be >= 0")
+    if no_repeat_ngram_size < 0:
+        raise ConfigError(f"no_repeat_ngram_size={no_repeat_ngram_size} must be >= 0 "
+                          "(0: no n-gram is banned)")
 
 
 @torch.inference_mode()
 def greedy_search(model: Transformer | Ensemble, src_tokens: Tensor, max_len_a: float = 1.2,
                   max_len_b: int = 10, min_len: int = 1, bos_id: int = BOS_ID,
-                  eos_id: int = EOS_ID, pad_id: int = PAD_ID, use_cache: bool = True
+                  eos_id: int = EOS_ID, pad_id: int = PAD_ID, use_cache: bool = True,
+                  no_repeat_ngram_size: int = 0, prefix_tokens: list[list[int]] | None = None
                   ) -> list[Hypothesis]:
     """The most probable next token at each step, for each of ``src_tokens`` (B, S).
 
     -> one ``Hypothesis`` a sentence, in input order; its score is the mean
-    log-probability per token (EOS included), i.e. lenpen 1.
+    log-probability per token (EOS included), i.e. lenpen 1. ``prefix_tokens``: for
+    each sentence, the tokens its output must start with ([] for none);
+    ``no_repeat_ngram_size``: see ``transformer.search_rules``.
     """
-    check_arguments(src_tokens, 1, 1, min_len)
-    ids = SpecialIds(bos_id, eos_id, pad_id)
+    return token_by_token(model, src_tokens, lambda lprobs, sentences, step: lprobs.argmax(-1),
+                          max_len_a, max_len_b, min_len, SpecialIds(bos_id, eos_id, pad_id),
+                          use_cache, no_repeat_ngram_size, prefix_tokens)
+
+
+@torch.inference_mode()
+def sample_search(model: Transformer | Ensemble, src_tokens: Tensor, sampler: Sampler,
+                  sentence_ids: list[int] | None = None, max_len_a: float = 1.2,
+                  max_len_b: int = 10, min_len: int = 1, bos_id: int = BOS_ID,
+                  eos_id: int = EOS_ID, pad_id: int = PAD_ID, use_cache: bool = True,
+                  no_repeat_ngram_size: int = 0, prefix_tokens: list[list[int]] | None = None
+                  ) -> list[Hypothesis]:
+    """As ``greedy_search``, but each next token is drawn by ``sampler``
+    (``transformer.sampling``): sentence i from the random stream of ``sentence_ids[i]``
+    (default: i), so that the same seed and ids give the same samples however the
+    sentences are batched. Scores are the model's log-probabilities (temperature 1, not
+    filtered), as greedy's."""
+    sentence_ids = list(range(src_tokens.size(0))) if sentence_ids is None else sentence_ids
+    if len(sentence_ids) != src_tokens.size(0):
+        raise ValueError(f"{len(sentence_ids)} sentence_ids for {src_tokens.size(0)} sources")
+    # A step per position a hypothesis can have, EOS and the longest prefix included.
+    n_steps = max(model.max_len, 1 + max(map(len, prefix_tokens or [[]])))
+    uniforms = sampler.uniforms(sentence_ids, n_steps).to(src_tokens.device)  # (B, steps)
+
+    def draw(lprobs: Tensor, sentences: Tensor, step: int) -> Tensor:
+        return sampler.draw(lprobs, uniforms[sentences.to(uniforms.device), step])
+
+    return token_by_token(model, src_tokens, draw, max_len_a, max_len_b, min_len,
+                          SpecialIds(bos_id, eos_id, pad_id), use_cache,
+                          no_repeat_ngram_size, prefix_tokens)
+
+
+def token_by_token(model: Transformer | Ensemble, src_tokens: Tensor,
+                   choose: Callable[[Tensor, Tensor, int], Tensor], max_len_a: float,
+                   max_len_b: int, min_len: int, ids: SpecialIds, use_cache: bool,
+                   no_repeat_ngram_size: int, prefix_tokens: list[list[int]] | None
+                   ) -> list[Hypothesis]:
+    """Greedy search and sampling: one hypothesis a sentence, extended at each step by the
+    token ``choose(lprobs (N, V), sentences (N,) (their batch indices, CPU), step) -> (N,)``
+    picks."""
+    check_arguments(src_tokens, 1, 1, min_len, no_repeat_ngram_size)
     src_tokens = src_tokens.to(next(model.parameters()).device)
     results: list[Hypothesis] = [None] * src_tokens.size(0)  # type: ignore[list-item]
     with evaluating(model):
-        max_lens = max_lengths(model, src_tokens, max_len_a, max_len_b, pad_id)  # (B,)
-        prefixes = Prefixes(model, *model.encode(src_tokens), bos_id, use_cache)
+        max_lens, rules = search_rules(model, src_tokens, max_len_a, max_len_b, min_len, ids,
+                                       no_repeat_ngram_size, prefix_tokens)  # (B,)
+        prefixes = Prefixes(model, *model.encode(src_tokens), ids.bos, use_cache)
         sentences = torch.arange(src_tokens.size(0))  # (N,) input index of each row
         logprobs = torch.zeros(src_tokens.size(0), device=src_tokens.device)  # (N,)
         for step in itertools.count():
-            lprobs = constrain(prefixes.next_logprobs(), step, min_len,
-                               max_lens[sentences] <= step, ids)
-            best, tokens = lprobs.max(dim=-1)  # (N,)
-            logprobs = logprobs + best
-            ended = tokens.eq(eos_id).cpu()  # (N,)
+            lprobs = rules.apply(prefixes.next_logprobs(), step, prefixes.tokens, sentences,
+                                 max_lens[sentences] <= step)
+            tokens = choose(lprobs, sentences, step)  # (N,)
+            token_lprobs = lprobs.gather(1, tokens[:, None])[:, 0]  # (N,)
+            logprobs = logprobs + token_lprobs
+            ended = tokens.eq(ids.eos).cpu()  # (N,)
             if ended.any():  # the ended rows' tokens and scores reach the host together
                 done = ended.nonzero().flatten().to(tokens.device)
-                for sentence, row_tokens, logprob in zip(
+                for sentence, row_tokens, logprob, row_lprobs in zip(
                         sentences[ended].tolist(), prefixes.tokens[done, 1:].tolist(),
-                        logprobs[done].tolist(), strict=True):
-                    results[sentence] = Hypothesis(
-                        row_tokens, normalized(logprob, step + 1, 1.0), logprob)
+                        logprobs[done].tolist(), torch.cat(
+                            [prefixes.token_lprobs[done], token_lprobs[done, None].to(
+                                prefixes.token_lprobs)], dim=1).tolist(), strict=True):
+                    results[sentence] = Hypothesis(row_tokens, normalized(logprob, step + 1, 1.0),
+                                                   logprob, row_lprobs)
             if ended.all():
                 return results
             rows = None
             if ended.any():  # the ended sentences leave the batch
                 sentences = sentences[~ended]
                 rows = (~ended).nonzero().flatten().to(tokens.device)
-                tokens, logprobs = tokens[rows], logprobs[rows]
-            prefixes.advance(tokens, rows, sentences_left=rows is not None)
+                tokens, logprobs, token_lprobs = tokens[rows], logprobs[rows], token_lprobs[rows]
+            prefixes.advance(tokens, token_lprobs, rows, sentences_left=rows is not None)
     raise AssertionError("unreachable: EOS is forced at the maximum length")
 
 
@@ -258,14 +321,18 @@ class Candidates:
     scores: Tensor  # sums of log-probabilities
     rows: Tensor  # the prefix row each one extends
     tokens: Tensor  # the token each one appends
+    token_lprobs: Tensor  # the log-probability of that token
+
+    def fields(self) -> tuple[Tensor, ...]:
+        return self.scores, self.rows, self.tokens, self.token_lprobs
 
     def take(self, index: Tensor) -> Candidates:
         """The candidates ``index`` (N, m) of each sentence."""
-        return Candidates(*(t.gather(1, index) for t in (self.scores, self.rows, self.tokens)))
+        return Candidates(*(t.gather(1, index) for t in self.fields()))
 
     def take_sentences(self, index: Tensor) -> Candidates:
         """The candidates of sentences ``index`` (N_new,) only."""
-        return Candidates(self.scores[index], self.rows[index], self.tokens[index])
+        return Candidates(*(t[index] for t in self.fields()))
 
 
 def top_candidates(scores: Tensor, lprobs: Tensor) -> Candidates:
@@ -277,7 +344,8 @@ def top_candidates(scores: Tensor, lprobs: Tensor) -> Candidates:
     # 2k: at most k of them (one a beam) end in EOS, so k others can stay live.
     top_scores, index = totals.topk(min(2 * k, k * V), dim=1)  # (N, 2k)
     rows = index // V + torch.arange(N, device=index.device)[:, None] * k
-    return Candidates(top_scores, rows, index % V)
+    tokens = index % V
+    return Candidates(top_scores, rows, tokens, lprobs[rows, tokens])
 
 
 def select_live(candidates: Candidates, eos_id: int, k: int) -> Candidates:
@@ -300,31 +368,37 @@ def collect_finished(candidates: Candidates, prefixes: Prefixes, sentences: Tens
     rows = candidates.rows[index[:, 0], index[:, 1]]  # (E,)
     tokens = prefixes.tokens[rows, 1:].tolist()  # step tokens each, without BOS and EOS
     logprobs = candidates.scores[index[:, 0], index[:, 1]].tolist()
-    for sentence, hyp_tokens, logprob in zip(sentences[index[:, 0].cpu()].tolist(), tokens,
-                                             logprobs, strict=True):
+    eos_lprobs = candidates.token_lprobs[index[:, 0], index[:, 1]]  # (E,)
+    token_lprobs = torch.cat([prefixes.token_lprobs[rows],
+                              eos_lprobs[:, None].to(prefixes.token_lprobs)], dim=1).tolist()
+    for sentence, hyp_tokens, logprob, hyp_lprobs in zip(
+            sentences[index[:, 0].cpu()].tolist(), tokens, logprobs, token_lprobs, strict=True):
         score = normalized(logprob, step + 1, finished.lenpen)
-        finished.add(sentence, Hypothesis(hyp_tokens, score, logprob))
+        finished.add(sentence, Hypothesis(hyp_tokens, score, logprob, hyp_lprobs))
 
 
 @torch.inference_mode()
 def beam_search(model: Transformer | Ensemble, src_tokens: Tensor, beam: int = 5,
                 lenpen: float = 0.6, max_len_a: float = 1.2, max_len_b: int = 10, min_len: int = 1,
                 bos_id: int = BOS_ID, eos_id: int = EOS_ID, pad_id: int = PAD_ID,
-                use_cache: bool = True, n_best: int = 1, early_stopping: bool = False
+                use_cache: bool = True, n_best: int = 1, early_stopping: bool = False,
+                no_repeat_ngram_size: int = 0, prefix_tokens: list[list[int]] | None = None
                 ) -> list[list[Hypothesis]]:
     """Beam search for each of ``src_tokens`` (B, S), batched over sentences and beams.
 
     -> for each sentence, in input order, its ``n_best`` hypotheses, best score first.
     ``early_stopping``: stop a sentence after ``beam`` finished hypotheses (fairseq)
     instead of once its best ones cannot change (see the module docstring).
+    ``prefix_tokens`` and ``no_repeat_ngram_size``: as ``greedy_search``'s.
     """
-    check_arguments(src_tokens, beam, n_best, min_len)
+    check_arguments(src_tokens, beam, n_best, min_len, no_repeat_ngram_size)
     ids = SpecialIds(bos_id, eos_id, pad_id)
     device = next(model.parameters()).device
     src_tokens = src_tokens.to(device)
     finished = Finished(src_tokens.size(0), beam, n_best, lenpen, early_stopping)
     with evaluating(model):
-        max_lens = max_lengths(model, src_tokens, max_len_a, max_len_b, pad_id)  # (B,)
+        max_lens, rules = search_rules(model, src_tokens, max_len_a, max_len_b, min_len, ids,
+                                       no_repeat_ngram_size, prefix_tokens)  # (B,)
         memory, src_padding_mask = model.encode(src_tokens)
         # Sentence i owns rows i * beam ... (i + 1) * beam - 1 of the prefixes.
         prefixes = Prefixes(model, memory.repeat_interleave(beam, 0),
@@ -335,7 +409,8 @@ def beam_search(model: Transformer | Ensemble, src_tokens: Tensor, beam: int = 5
         scores[:, 1:] = NEG_INF
         for step in itertools.count():
             force_eos = (max_lens[sentences] <= step).repeat_interleave(beam)
-            lprobs = constrain(prefixes.next_logprobs(), step, min_len, force_eos, ids)
+            lprobs = rules.apply(prefixes.next_logprobs(), step, prefixes.tokens,
+                                 sentences.repeat_interleave(beam), force_eos)
             candidates = top_candidates(scores, lprobs)  # (N, 2k)
             collect_finished(candidates, prefixes, sentences, step, eos_id, finished)
             live = select_live(candidates, eos_id, beam)  # (N, k)
@@ -347,8 +422,8 @@ def beam_search(model: Transformer | Ensemble, src_tokens: Tensor, beam: int = 5
                 sentences = sentences[~done]
                 live = live.take_sentences((~done).nonzero().flatten().to(device))
             scores = live.scores
-            prefixes.advance(live.tokens.flatten(), live.rows.flatten(),
-                             sentences_left=bool(done.any()))
+            prefixes.advance(live.tokens.flatten(), live.token_lprobs.flatten(),
+                             live.rows.flatten(), sentences_left=bool(done.any()))
     raise AssertionError("unreachable: EOS is forced at the maximum length")
 
 
@@ -383,52 +458,111 @@ def pad_batch(token_lists: list[list[int]], pad_id: int, device: torch.device) -
     return src_tokens.to(device)
 
 
+def n_best_hypotheses(model: Transformer | Ensemble, src_tokens: Tensor, beam: int,
+                      lenpen: float, n_best: int = 1, sampler: Sampler | None = None,
+                      sentence_ids: list[int] | None = None, **search_kwargs: Any
+                      ) -> list[list[Hypothesis]]:
+    """The ``n_best`` best hypotheses of each of ``src_tokens`` (B, S): beam search,
+    greedy at beam 1, or one sample with a ``sampler`` (``sentence_ids``: its streams)."""
+    check_n_best(n_best, beam, sampler)
+    if sampler is not None:
+        return [[h] for h in sample_search(model, src_tokens, sampler, sentence_ids,
+                                           **search_kwargs)]
+    if beam == 1:
+        return [[h] for h in greedy_search(model, src_tokens, **search_kwargs)]
+    return beam_search(model, src_tokens, beam=beam, lenpen=lenpen, n_best=n_best,
+                       **search_kwargs)
+
+
 def best_hypotheses(model: Transformer | Ensemble, src_tokens: Tensor, beam: int, lenpen: float,
                     **search_kwargs: Any) -> list[Hypothesis]:
-    """The best hypothesis of each of ``src_tokens`` (B, S): beam search, greedy at beam 1."""
-    if beam == 1:
-        return greedy_search(model, src_tokens, **search_kwargs)
-    return [n_best[0] for n_best in beam_search(model, src_tokens, beam=beam, lenpen=lenpen,
-                                                **search_kwargs)]
+    """The best hypothesis of each of ``src_tokens`` (B, S): beam search, greedy at beam 1
+    (sampling with a ``sampler``)."""
+    return [n_best[0] for n_best in n_best_hypotheses(model, src_tokens, beam, lenpen,
+                                                      **search_kwargs)]
+
+
+def check_n_best(nbest: int, beam: int, sampler: Sampler | None) -> None:
+    """ConfigError naming ``nbest`` (evaluate.py's key) for a number the search cannot give."""
+    if sampler is not None and nbest != 1:
+        raise ConfigError(f"nbest={nbest}: sampling draws one hypothesis a sentence "
+                          "(nbest > 1 needs beam search)")
+    if not 1 <= nbest <= beam:
+        raise ConfigError(f"nbest={nbest} must be in [1, beam={beam}]")
 
 
 @torch.inference_mode()
+def search_ids(model: Transformer | Ensemble, src_ids: list[list[int]], beam: int = 5,
+               lenpen: float = 0.6, max_tokens: int = 8192, n_best: int = 1,
+               prefix_tokens: list[list[int]] | None = None, **search_kwargs: Any
+               ) -> list[list[Hypothesis]]:
+    """Token ids in (each ``tokens + [EOS]``), the ``n_best`` best hypotheses of each out,
+    in order. Sorted by length and batched by ``max_tokens`` padded source tokens; a
+    source with no token before EOS gives one empty hypothesis without running the model.
+    ``prefix_tokens``: one forced target prefix a source. A ``sampler`` in
+    ``search_kwargs`` draws source i from its random stream i (``sample_search``). Runs on
+    the model's device, in the caller's precision (autocast stays the caller's choice)."""
+    eos_id, pad_id = search_kwargs.get("eos_id", EOS_ID), search_kwargs.get("pad_id", PAD_ID)
+    check_n_best(n_best, beam, search_kwargs.get("sampler"))
+    if prefix_tokens is not None and len(prefix_tokens) != len(src_ids):
+        raise ValueError(f"{len(prefix_tokens)} prefixes for {len(src_ids)} sources")
+    device = next(model.parameters()).device
+    todo = [i for i, ids in enumerate(src_ids) if ids and ids != [eos_id]]
+    outputs = [[Hypothesis([], 0.0, 0.0)] for _ in src_ids]
+    for batch in token_batches([len(src_ids[i]) for i in todo], max_tokens):
+        indices = [todo[j] for j in batch]
+        src_tokens = pad_batch([src_ids[i] for i in indices], pad_id, device)
+        if prefix_tokens is not None:
+            search_kwargs["prefix_tokens"] = [prefix_tokens[i] for i in indices]
+        if search_kwargs.get("sampler") is not None:
+            search_kwargs["sentence_ids"] = indices
+        hypotheses = n_best_hypotheses(model, src_tokens, beam, lenpen, n_best, **search_kwargs)
+        for i, n_best_list in zip(indices, hypotheses, strict=True):
+            outputs[i] = n_best_list
+    return outputs
+
+
 def translate_ids(model: Transformer | Ensemble, src_ids: list[list[int]], beam: int = 5,
                   lenpen: float = 0.6, max_tokens: int = 8192,
                   **search_kwargs: Any) -> list[list[int]]:
     """Token ids in (each ``tokens + [EOS]``), the best hypothesis's tokens out (without
-    BOS and EOS), in order. Sorted by length and batched by ``max_tokens`` padded source
-    tokens; a source with no token before EOS gives [] without running the model. Runs on
-    the model's device, in the caller's precision (autocast stays the caller's choice)."""
-    eos_id, pad_id = search_kwargs.get("eos_id", EOS_ID), search_kwargs.get("pad_id", PAD_ID)
-    device = next(model.parameters()).device
-    todo = [i for i, ids in enumerate(src_ids) if ids and ids != [eos_id]]
-    outputs: list[list[int]] = [[] for _ in src_ids]
-    for batch in token_batches([len(src_ids[i]) for i in todo], max_tokens):
-        indices = [todo[j] for j in batch]
-        src_tokens = pad_batch([src_ids[i] for i in indices], pad_id, device)
-        hypotheses = best_hypotheses(model, src_tokens, beam, lenpen, **search_kwargs)
-        for i, hypothesis in zip(indices, hypotheses, strict=True):
-            outputs[i] = hypothesis.tokens
-    return outputs
+    BOS and EOS), in order: ``search_ids``'s best."""
+    return [n_best[0].tokens for n_best in search_ids(model, src_ids, beam, lenpen, max_tokens,
+                                                      **search_kwargs)]
 
 
 def translate(model: Transformer | Ensemble, tokenizer: TextTokenizer, sentences: list[str],
               beam: int = 5, lenpen: float = 0.6, max_tokens: int = 8192,
               device: torch.device | str | None = None, precision: str = "auto",
               first_line: int = 1, **search_kwargs: Any) -> list[str]:
-    """Translate ``sentences``, in order: tokenize (+ EOS), ``translate_ids`` (beam 1:
-    greedy), detokenize. Empty sentences give "" without reaching the tokenizer or the
-    model. A sentence longer than the model's ``max_len`` tokens (EOS included) is cut to
-    its first ``max_len - 1`` tokens + EOS, with a warning naming its line (``first_line``:
-    the line number of ``sentences[0]``). ``device``: where to run (the model moves there);
-    None: the model's device. ``precision``: the autocast dtype, as ``trainer.precision``
-    (auto: bf16 on CUDA, fp32 on the CPU). ``search_kwargs`` go to the search
-    (max_len_a, max_len_b, min_len, bos_id, eos_id, pad_id, ...)."""
+    """Translate ``sentences``, in order: the best of ``translate_nbest``."""
+    return [n_best[0].text or "" for n_best in translate_nbest(
+        model, tokenizer, sentences, 1, beam, lenpen, max_tokens, device, precision,
+        first_line, **search_kwargs)]
+
+
+def translate_nbest(model: Transformer | Ensemble, tokenizer: TextTokenizer,
+                    sentences: list[str], nbest: int = 1, beam: int = 5, lenpen: float = 0.6,
+                    max_tokens: int = 8192, device: torch.device | str | None = None,
+                    precision: str = "auto", first_line: int = 1,
+                    prefixes: str | list[str] | None = None, **search_kwargs: Any
+                    ) -> list[list[Hypothesis]]:
+    """Translate ``sentences``, in order, into their ``nbest`` best hypotheses each, best
+    first, with their ``text``: tokenize (+ EOS), ``search_ids`` (beam 1: greedy; a
+    ``sampler=transformer.sampling.Sampler(...)``: sampling), detokenize. Empty sentences
+    give "" without reaching the tokenizer or the model. A sentence longer than the
+    model's ``max_len`` tokens (EOS included) is cut to its first ``max_len - 1`` tokens +
+    EOS, with a warning naming its line (``first_line``: the line number of
+    ``sentences[0]``). ``prefixes``: the text each translation must start with, one for
+    all sentences or one a sentence (tokenized by the target side's tokenizer).
+    ``device``: where to run (the model moves there); None: the model's device.
+    ``precision``: the autocast dtype, as ``trainer.precision`` (auto: bf16 on CUDA, fp32
+    on the CPU). ``search_kwargs`` go to the search (max_len_a, max_len_b, min_len,
+    no_repeat_ngram_size, bos_id, eos_id, pad_id, ...)."""
     if device is not None:
         model.to(device)
     device = next(model.parameters()).device
-    outputs = [""] * len(sentences)
+    outputs = [[Hypothesis([], 0.0, 0.0, text="")] for _ in sentences]
     todo = [i for i, sentence in enumerate(sentences) if sentence.strip()]
     if not todo:
         return outputs
@@ -436,11 +570,27 @@ def translate(model: Transformer | Ensemble, tokenizer: TextTokenizer, sentences
     src_ids = [ids + [eos_id] for ids in tokenizer.encode_batch([sentences[i] for i in todo])]
     src_ids = [truncated(ids, model.max_len, eos_id, first_line + i)
                for i, ids in zip(todo, src_ids, strict=True)]
+    if prefixes is not None:
+        search_kwargs["prefix_tokens"] = prefix_ids(tokenizer, prefixes, sentences, todo)
     with Precision.resolve(precision, device, training=False).autocast():
-        hypotheses = translate_ids(model, src_ids, beam, lenpen, max_tokens, **search_kwargs)
-    for i, text in zip(todo, tokenizer.decode_batch(hypotheses), strict=True):
-        outputs[i] = text
+        hypotheses = search_ids(model, src_ids, beam, lenpen, max_tokens, nbest, **search_kwargs)
+    texts = iter(tokenizer.decode_batch([h.tokens for n_best in hypotheses for h in n_best]))
+    for i, n_best in zip(todo, hypotheses, strict=True):
+        outputs[i] = [replace(h, text=next(texts)) for h in n_best]
     return outputs
+
+
+def prefix_ids(tokenizer: TextTokenizer, prefixes: str | list[str], sentences: list[str],
+               todo: list[int]) -> list[list[int]]:
+    """The target token ids of the prefixes of ``sentences[i]`` for i in ``todo``:
+    ``prefixes`` is one text for all or one a sentence. A ``TokenizerPair`` encodes them
+    with its target side (``.tgt``); a joint tokenizer is both sides."""
+    if isinstance(prefixes, str):
+        prefixes = [prefixes] * len(sentences)
+    if len(prefixes) != len(sentences):
+        raise ValueError(f"{len(prefixes)} prefixes for {len(sentences)} sentences")
+    target = getattr(tokenizer, "tgt", tokenizer)
+    return target.encode_batch([prefixes[i] for i in todo])
 
 
 def truncated(src_ids: list[int], max_len: int, eos_id: int, line: int) -> list[int]:

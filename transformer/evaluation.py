@@ -23,10 +23,18 @@ from transformer.checkpoint import (
 )
 from transformer.config import DataConfig, EvalConfig
 from transformer.data import DataError, open_corpus, read_lines, read_parallel_lines
-from transformer.decoding import translate
+from transformer.decoding import Hypothesis, translate_nbest
 from transformer.ensemble import Ensemble
 from transformer.model import Transformer
 from transformer.precision import Precision, resolve_device
+from transformer.search_options import (
+    check_search_options,
+    json_lines,
+    read_prefixes,
+    search_kwargs,
+    search_name,
+    wants_json,
+)
 
 log = logging.getLogger("transformer")
 
@@ -50,22 +58,32 @@ def evaluate(cfg: EvalConfig | DictConfig, stdin: IO = sys.stdin,
     """Load the checkpoint, then translate and score as ``cfg.mode`` says."""
     device = resolve_device(cfg.device)
     precision = Precision.resolve(cfg.precision, device, training=False).name  # fails early
+    check_search_options(cfg)
     model, tokenizer, train_cfg = load_models([cfg.checkpoint, *cfg.ensemble],
                                               cfg.average_last, device, cfg.trust_modules)
 
-    def run(sentences: list[str], first_line: int = 1) -> list[str]:
-        return translate(model, tokenizer, sentences, beam=cfg.beam, lenpen=cfg.lenpen,
-                         max_tokens=cfg.batch_tokens, max_len_a=cfg.max_len_a,
-                         max_len_b=cfg.max_len_b, min_len=cfg.min_len, precision=precision,
-                         first_line=first_line)
+    def run(sentences: list[str], first_line: int = 1,
+            prefixes: str | list[str] | None = cfg.prefix) -> list[list[Hypothesis]]:
+        """The n-best lists of ``sentences`` (one hypothesis each but with nbest > 1)."""
+        return translate_nbest(model, tokenizer, sentences, lenpen=cfg.lenpen,
+                               max_tokens=cfg.batch_tokens, max_len_a=cfg.max_len_a,
+                               max_len_b=cfg.max_len_b, min_len=cfg.min_len,
+                               precision=precision, first_line=first_line, prefixes=prefixes,
+                               **search_kwargs(cfg))
+
+    def to_json(hypotheses: list[list[Hypothesis]], first_id: int = 0) -> list[str]:
+        return list(json_lines(hypotheses, tokenizer, cfg.token_scores, first_id))
 
     if cfg.mode == "interactive":
-        interactive(run, stdin, stdout)
+        interactive(run, stdin, stdout, to_json if wants_json(cfg) else None)
         return {}
+    prefixes = {}
     if cfg.mode == "files":
         if not cfg.src_file:
             raise DataError("mode=files needs src_file=PATH (and ref_file=PATH to score)")
-        named = {Path(cfg.src_file).name: read_file_pair(cfg.src_file, cfg.ref_file)}
+        file_name = Path(cfg.src_file).name
+        named = {file_name: read_file_pair(cfg.src_file, cfg.ref_file)}
+        prefixes[file_name] = read_prefixes(cfg, len(named[file_name][0]))
     elif cfg.mode == "splits":
         named = read_splits(data_config(train_cfg, cfg), list(cfg.splits))
     else:
@@ -73,9 +91,13 @@ def evaluate(cfg: EvalConfig | DictConfig, stdin: IO = sys.stdin,
     output_dir = (Path(cfg.output_dir) if cfg.output_dir else
                   default_output_dir(cfg.checkpoint, ensemble=bool(cfg.ensemble)))
     settings = settings_name(cfg, precision)
-    scores = {name: translate_and_score(name, sources, references, run,
-                                        output_dir / f"{name}.{settings}.hyp")
-              for name, (sources, references) in named.items()}
+    scores = {}
+    for name, (sources, references) in named.items():
+        n_best = run(sources, prefixes=prefixes.get(name, cfg.prefix))
+        if wants_json(cfg):
+            write_lines(output_dir / f"{name}.{settings}.nbest.jsonl", to_json(n_best))
+        scores[name] = translate_and_score(name, [h[0].text or "" for h in n_best], references,
+                                           output_dir / f"{name}.{settings}.hyp")
     if cfg.scores_file:
         Path(cfg.scores_file).write_text(json.dumps(scores, indent=2) + "\n")
     return scores
@@ -135,9 +157,10 @@ def settings_name(cfg: EvalConfig | DictConfig, precision: str) -> str:
     other settings write files of their own: ``beam5.lenpen0.6.checkpoint_best``, or
     ``beam5.lenpen1.4.avg10`` (the run's newest 10, averaged), then ``.ens3`` for an
     ensemble of 3; the length limits and precision only where not the defaults
-    (``maxlen1.5x+5``, ``minlen0``, ``bf16``)."""
+    (``maxlen1.5x+5``, ``minlen0``, ``bf16``). Other searches and their options name
+    themselves in place of ``beam5.lenpen0.6`` (``search_options.search_name``)."""
     defaults = EvalConfig()
-    parts = [f"beam{cfg.beam}", f"lenpen{cfg.lenpen:g}"]
+    parts = search_name(cfg)  # beam5.lenpen0.6, greedy, sample.topp0.9.seed1, ...
     if (cfg.max_len_a, cfg.max_len_b) != (defaults.max_len_a, defaults.max_len_b):
         parts.append(f"maxlen{cfg.max_len_a:g}x+{cfg.max_len_b}")
     if cfg.min_len != defaults.min_len:
@@ -151,14 +174,17 @@ def settings_name(cfg: EvalConfig | DictConfig, precision: str) -> str:
     return ".".join(parts)
 
 
-def interactive(run, stdin: IO, stdout: TextIO) -> None:
+def interactive(run, stdin: IO, stdout: TextIO, to_json=None) -> None:
     """One translation per input line, flushed at once: usable in a pipe. Lines are read
     as bytes (``stdin.buffer`` where it has one) and decoded as UTF-8 one at a time: a
     line that is not UTF-8 gets an empty translation and a warning naming it, and the
-    lines after it are translated."""
+    lines after it are translated. ``to_json``: the n-best JSON lines of each input line
+    instead (``transformer.search_options``)."""
     for number, raw in enumerate(getattr(stdin, "buffer", stdin), start=1):
         line = decoded_line(raw, number)
-        stdout.write(run([line], first_line=number)[0] + "\n")
+        n_best = run([line], first_line=number)
+        lines = to_json(n_best, first_id=number - 1) if to_json else [n_best[0][0].text or ""]
+        stdout.write("".join(text + "\n" for text in lines))
         stdout.flush()
 
 
@@ -175,11 +201,15 @@ def decoded_line(raw: bytes | str, number: int) -> str:
     return raw.removesuffix("\n").removesuffix("\r")
 
 
-def translate_and_score(name: str, sources: list[str], references: list[str] | None, run,
+def write_lines(path: Path, lines: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def translate_and_score(name: str, hypotheses: list[str], references: list[str] | None,
                         out_path: Path) -> dict:
-    hypotheses = run(sources)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
+    """Write ``hypotheses`` to ``out_path``, and score them against ``references``."""
+    write_lines(out_path, hypotheses)
     if references is None:
         print(f"{name}: {len(hypotheses)} translations -> {out_path}")
         return {}
