@@ -91,6 +91,7 @@ class DataConfig:
     allow_long_eval: bool = False  # keep (truncate) over-long val/test pairs instead of failing
     max_tokens: int = 4096  # padded source or target tokens per batch (fairseq --max-tokens)
     max_sentences: int | None = None
+    prefetch: int = 2  # training batches collated ahead in a background thread; 0: none
     # more training corpora, mixed into the train split with weights and tags
     extra_train: list[ExtraCorpusConfig] = field(default_factory=list)
     cache_dir: str = ".cache/data"

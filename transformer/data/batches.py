@@ -35,20 +35,25 @@ class Batch:
         """On the device; ``non_blocking`` to a GPU copies from pinned memory, so that the
         host can prepare the next batch while the GPU works."""
         pin = non_blocking and str(device).startswith("cuda")  # torch is not imported here
-        move = {name: (getattr(self, name).pin_memory() if pin else getattr(self, name))
+        move = {name: (getattr(self, name).pin_memory()
+                       if pin and not getattr(self, name).is_pinned() else getattr(self, name))
                 .to(device, non_blocking=non_blocking)
                 for name in ("src_tokens", "tgt_input", "tgt_output")}
         return Batch(**move, indices=self.indices, n_src_tokens=self.n_src_tokens,
                      n_tgt_tokens=self.n_tgt_tokens)
 
 
-def collate(split: EncodedSplit, indices: Sequence[int], pad_id: int = PAD_ID) -> Batch:
-    """Pairs ``indices`` of ``split`` as one Batch, padded to its longest sentence."""
+def collate(split: EncodedSplit, indices: Sequence[int], pad_id: int = PAD_ID,
+            pin: bool = False) -> Batch:
+    """Pairs ``indices`` of ``split`` as one Batch, padded to its longest sentence; ``pin``:
+    in page-locked memory, ready for an asynchronous copy to a GPU."""
     src_rows = [split.src_ids.row(i) for i in indices]
     tgt_rows = [split.tgt_ids.row(i) for i in indices]
-    return Batch(src_tokens=_pad(src_rows, pad_id, bos=False),
-                 tgt_input=_pad(tgt_rows, pad_id, bos=True),
-                 tgt_output=_pad(tgt_rows, pad_id, bos=False),
+    tensors = [_pad(src_rows, pad_id, bos=False), _pad(tgt_rows, pad_id, bos=True),
+               _pad(tgt_rows, pad_id, bos=False)]
+    if pin:
+        tensors = [tensor.pin_memory() for tensor in tensors]
+    return Batch(*tensors,
                  indices=list(indices),
                  n_src_tokens=sum(len(row) + 1 for row in src_rows),
                  n_tgt_tokens=sum(len(row) + 1 for row in tgt_rows))

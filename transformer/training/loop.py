@@ -21,6 +21,7 @@ from transformer.data import (
     collate,
     dropped_text,
 )
+from transformer.data.prefetch import prefetched
 from transformer.distributed import (
     barrier,
     check_in_step,
@@ -160,14 +161,17 @@ def finished(run: Run) -> bool:
 
 
 def epoch_batches(run: Run, sampler: TokenBatchSampler, split: EncodedSplit) -> Iterator[Batch]:
-    """This epoch's batches from where the run stands (exact resume), on the device."""
+    """This epoch's batches from where the run stands (exact resume), on the device;
+    collated (and pinned, for a GPU) ``data.prefetch`` batches ahead in a thread."""
     state, overfit = run.state, run.cfg.trainer.overfit_batches
     if overfit:  # the same first batches every epoch
         index_lists = sampler.batches(0)[:overfit][state.batch_in_epoch:]
     else:
         index_lists = sampler.batches(state.epoch, start=state.batch_in_epoch)
-    for indices in index_lists:
-        yield collate(split, indices).to(run.device, non_blocking=True)
+    pin = run.device.type == "cuda"
+    collated = (collate(split, indices, pin=pin) for indices in index_lists)
+    for batch in prefetched(collated, run.cfg.data.prefetch):
+        yield batch.to(run.device, non_blocking=True)
 
 
 def grouped(batches: Iterator[Batch], size: int) -> Iterator[list[Batch]]:
