@@ -141,8 +141,16 @@ def test_a_requeued_job_saves_resumes_and_ends_as_an_uninterrupted_run(
         checkpoints = sweep_dir / "0" / "checkpoints"
         wait_for(lambda: (checkpoints / "checkpoint_10.pt").exists(), 180,
                  "the job's first checkpoint")
-        job_id = next(sweep_dir.glob(".submitit/*_0")).name.partition("_")[0]
+        # one job, not an array: its folder is .submitit/<job id>
+        job_id = next(path.name for path in (sweep_dir / ".submitit").iterdir() if path.is_dir())
         subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+        # SLURM holds a requeued job about two minutes before it may start again: the
+        # job pends with a begin time; start it now instead
+        wait_for(lambda: scontrol_job(job_id).get("JobState") == "PENDING", 60,
+                 "the requeued job to pend")
+        assert int(scontrol_job(job_id)["Restarts"]) == 1
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True,
+                       timeout=30)
         output, _ = launcher.communicate(timeout=300)
     finally:
         launcher.kill()
