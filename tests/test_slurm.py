@@ -77,8 +77,9 @@ def test_a_sweep_runs_one_slurm_job_per_point(multi30k_dir, data_cache, tmp_path
     result = launch(["trainer.max_steps=4", "trainer.seed=1,2"], sweep_dir, data_cache,
                     multi30k_dir, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:] + job_logs(sweep_dir)[-3000:]
-    job_ids = {path.name for path in sweep_dir.glob(".submitit/*_*")}
-    assert len(job_ids) == 2, job_ids  # an array job: <id>_0, <id>_1
+    tasks = {path.name for path in (sweep_dir / ".submitit").iterdir() if path.is_dir()}
+    array_id = next(name for name in tasks if "_" not in name)
+    assert tasks == {array_id, f"{array_id}_0", f"{array_id}_1"}  # one array job, 2 tasks
     seeds = []
     for point in ("0", "1"):
         checkpoint = read_checkpoint(sweep_dir / point / "checkpoints" / "checkpoint_last.pt")
