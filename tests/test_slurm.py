@@ -140,8 +140,9 @@ def test_a_requeued_job_saves_resumes_and_ends_as_an_uninterrupted_run(
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         checkpoints = sweep_dir / "0" / "checkpoints"
-        wait_for(lambda: (checkpoints / "checkpoint_10.pt").exists(), 180,
-                 "the job's first checkpoint")
+        wait_for(lambda: (checkpoints / "checkpoint_10.pt").exists()
+                 or launcher.poll() is not None, 180, "the job's first checkpoint")
+        assert launcher.poll() is None, launcher.communicate()[0][-3000:]
         # one job, not an array: its folder is .submitit/<job id>
         job_id = next(path.name for path in (sweep_dir / ".submitit").iterdir() if path.is_dir())
         subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
