@@ -175,6 +175,19 @@ def test_every_config_composes():
             validate(cfg)
 
 
+@pytest.mark.parametrize("launcher", ["slurm", "slurm_local"])
+def test_slurm_launcher_configs_compose_against_the_plugin(launcher):
+    """The plugin's structured config refuses keys it does not know (srun_args in 1.2):
+    each SLURM launcher config merges into it (tests/test_slurm.py runs them)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"hydra/launcher={launcher}"],
+                      return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert cfg.hydra.launcher.tasks_per_node == (8 if launcher == "slurm" else 1)
+
+
 def test_early_stopping_after_patience_validations(multi30k_dir, data_cache, tmp_path,
                                                    monkeypatch):
     from transformer.training import validation

@@ -88,7 +88,7 @@ def launch_rank() -> int:
 
 
 def export_submitit_env() -> None:
-    """Under hydra-submitit-launcher (configs/hydra/launcher/submitit_slurm.yaml) SLURM
+    """Under hydra-submitit-launcher (configs/hydra/launcher/slurm.yaml) SLURM
     starts one task per rank without torchrun: export their places as torchrun would."""
     several_tasks = int(os.environ.get("SLURM_NTASKS", "1")) > 1
     if "RANK" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ or not several_tasks:

@@ -32,7 +32,7 @@ from transformer.distributed import (
 from transformer.run_lock import run_dir_lock
 from transformer.training.metrics import Progress
 from transformer.training.run import Run, setup
-from transformer.training.signals import StopSignal, stop_requested
+from transformer.training.signals import StopSignal, exit_for_requeue, stop_requested
 from transformer.training.state import save
 from transformer.training.step import train_step
 from transformer.training.validation import validate_and_save
@@ -48,7 +48,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     with lock:
         run = setup(cfg, Path(run_dir))
         try:
-            fit(run)
+            stopped = fit(run)
             # No rank tears the process group down while another still talks through it:
             # gloo then aborts a rank now and then ("terminate called without an active
             # exception").
@@ -57,13 +57,15 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             run.logger.close()
             run.train_module = None  # DDP's reducer goes before the process group: shutdown
             shutdown()
+    if stopped:
+        exit_for_requeue()  # under submitit on SLURM: no result yet, the rerun gives it
     return run.state.best if run.state.best is not None else float("nan")
 
 
-def fit(run: Run) -> None:
+def fit(run: Run) -> bool:
     """The loop: steps over token-bucketed batches, epoch after epoch, until max_steps,
-    max_epochs or early stopping, or until SIGTERM/SIGINT: then it saves and returns, and
-    ``trainer.resume=auto`` continues exactly where it stopped."""
+    max_epochs or early stopping, or until SIGTERM/SIGINT: then it saves and returns True,
+    and ``trainer.resume=auto`` continues exactly where it stopped."""
     cfg, state = run.cfg.trainer, run.state
     train_split = run.data.splits[run.cfg.data.train_split]
     sampler = TokenBatchSampler.for_split(
@@ -91,10 +93,11 @@ def fit(run: Run) -> None:
         log.info("received %s at step %d: saved checkpoint %s, exiting; resume with "
                  "trainer.resume=auto", stop.received or "a stop signal (on another rank)",
                  state.step, run.checkpoint_dir / f"checkpoint_{state.step}.pt")
-        return
+        return True
     log.info("done: step %d, best %s %s; checkpoints in %s", state.step,
              run.cfg.trainer.best_metric, state.best, run.checkpoint_dir)
     log.info("evaluate with: %s", evaluate_command(run))
+    return False
 
 
 def run_steps(run: Run, sampler: TokenBatchSampler, split: EncodedSplit, progress: Progress,

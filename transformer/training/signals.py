@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from typing import Any
@@ -49,3 +50,23 @@ def stop_requested(stop: StopSignal, ddp: Distributed) -> bool:
     ranks during different steps, or reach only some of them. So every rank passes its flag
     to ``any_rank`` each step: one all-reduce of one int on the CPU (gloo), no GPU sync."""
     return any_rank(stop.received is not None, ddp)
+
+
+# EX_TEMPFAIL of sysexits.h: "try again later".
+REQUEUE_STATUS = 75
+
+
+def exit_for_requeue() -> None:
+    """After a stop signal under hydra-submitit-launcher on SLURM (configs/hydra/launcher/
+    slurm.yaml), exit 75 instead of returning. A preempted or ``scontrol requeue``-d job
+    is requeued by SLURM whatever its exit status, and reruns with the same job id, the
+    same sweep point and run directory (trainer.resume=auto continues there). But had the
+    task function returned, submitit would write the job's result file, and the launcher
+    waiting on it would take the job as finished, with the stopped run's result, while
+    SLURM runs it again. ``SystemExit`` is no ``Exception``: submitit writes no result,
+    the launcher keeps waiting, and the rerun writes the result. Elsewhere (a terminal,
+    torchrun) a stopped run exits 0, as before."""
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        log.info("exiting %d: SLURM requeues the job and trainer.resume=auto continues it",
+                 REQUEUE_STATUS)
+        raise SystemExit(REQUEUE_STATUS)
