@@ -51,9 +51,8 @@ print(f"{time.perf_counter() - start:.2f}")
 
 def synthetic_corpus(multi30k: Path, pairs: int, folder: Path, seed: int = 0) -> None:
     """``folder/train.{en,de}`` of ``pairs`` recombined Multi30k pairs (see the module)."""
-    src, tgt = ([line.rstrip("\n") for line in gzip.open(multi30k / f"train.{lang}.gz", "rt",
-                                                         encoding="utf-8")]
-                for lang in ("en", "de"))
+    src, tgt = (gzip.decompress((multi30k / f"train.{lang}.gz").read_bytes())
+                .decode("utf-8").splitlines() for lang in ("en", "de"))
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "train.en", "w", encoding="utf-8") as src_out, \
