@@ -56,7 +56,9 @@ def write_corpus(folder: Path, pairs: int) -> None:
 
 
 def start(root: Path, cache: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # one encoding thread and few malloc arenas: per-thread arenas would add MiB of noise
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false", "MALLOC_ARENA_MAX": "2"}
     return subprocess.Popen([sys.executable, "-c", PREPARE, str(root), str(cache)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -93,7 +95,7 @@ def test_peak_memory_does_not_grow_with_the_corpus(corpora):
     # Streamed, a chunk of 5,000 pairs and the 3,000-pair BPE sample are all that is held,
     # whatever the corpus size (measured: +0.05 MiB).
     assert peaks[SMALL] < 500, peaks
-    assert peaks[LARGE] - peaks[SMALL] < 3, peaks
+    assert peaks[LARGE] - peaks[SMALL] < 4, peaks
 
 
 def test_streamed_ids_equal_a_line_by_line_encoding(corpora):
