@@ -84,6 +84,9 @@ class DataConfig:
     src_tokenizer: str | None = None
     tgt_tokenizer: str | None = None
     vocab_size: int = 8000
+    # BPE is learned on at most this many training pairs (a seeded uniform sample of the
+    # split when it is larger; null: all): bounded time and memory on corpora of millions.
+    tokenizer_sample: int | None = 1_000_000
     joint_vocab: bool = True
     lowercase: bool = False
     # filtering and batching
@@ -253,6 +256,7 @@ def lookup(cfg: Any, dotted: str) -> Any:
 # Ranges of numeric keys; None (unset) is fine where the type allows it. NaN and inf fail.
 POSITIVE = ("model.d_model", "model.n_heads", "model.n_encoder_layers", "model.n_decoder_layers",
             "model.n_layers", "model.d_ff", "model.max_len", "data.vocab_size", "data.max_len",
+            "data.tokenizer_sample",
             "data.max_tokens", "data.max_sentences", "optim.lr", "trainer.max_epochs",
             "trainer.val_every_steps", "trainer.save_every_steps", "trainer.keep_last",
             "trainer.grad_accum", "trainer.patience", "trainer.log_every_steps",

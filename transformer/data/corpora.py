@@ -13,21 +13,21 @@ from pathlib import Path
 from typing import Any
 
 from transformer.config import DataConfig
-from transformer.data.text import DataError, read_parallel_lines
+from transformer.data.text import DataError, iter_parallel_chunks
 
 SOURCES = ("multi30k", "parallel_files", "hub")
 MULTI30K_URL = "https://github.com/multi30k/dataset/raw/master/data/task1/raw/{file}"
 MULTI30K_PATTERN = "{split}.{lang}"
-CHUNK_PAIRS = 10_000  # pairs encoded at once: bounds memory when a corpus is streamed
+CHUNK_PAIRS = 50_000  # pairs read and encoded at once: what a streamed corpus holds in memory
 
 
 class FileCorpus:
     """Parallel text files ``root / pattern.format(split=..., lang=...)``, plain or .gz;
-    line i of the source file translates line i of the target file."""
+    line i of the source file translates line i of the target file. Read in chunks each
+    time a split is asked for (the train split twice: BPE sample, then ids), never whole."""
 
     def __init__(self, root: Path, pattern: str, src_lang: str, tgt_lang: str) -> None:
         self.root, self.pattern, self.langs = root, pattern, (src_lang, tgt_lang)
-        self._lines: dict[str, tuple[list[str], list[str]]] = {}
 
     @cached_property
     def splits(self) -> list[str]:
@@ -61,14 +61,7 @@ class FileCorpus:
                 for p in self.paths(split)]
 
     def chunks(self, split: str) -> Iterator[tuple[list[str], list[str]]]:
-        src_lines, tgt_lines = self._read(split)
-        for start in range(0, len(src_lines), CHUNK_PAIRS):
-            yield src_lines[start:start + CHUNK_PAIRS], tgt_lines[start:start + CHUNK_PAIRS]
-
-    def _read(self, split: str) -> tuple[list[str], list[str]]:
-        if split not in self._lines:  # the training split is read twice: BPE, then ids
-            self._lines[split] = read_parallel_lines(*self.paths(split))
-        return self._lines[split]
+        yield from iter_parallel_chunks(*self.paths(split), CHUNK_PAIRS)
 
     def where(self, split: str, index: int) -> str:
         src_path, tgt_path = self.paths(split)

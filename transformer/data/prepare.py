@@ -6,10 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,9 @@ from transformer.data.text import DataError
 from transformer.tokenizer import Tokenizer
 
 CACHE_VERSION = 1  # bump when the cached format or the encoding changes
+# data.tokenizer_sample's default. It is in the tokenizer's cache key only when set to
+# another value, so caches made before the key existed (corpora below it) stay valid.
+DEFAULT_TOKENIZER_SAMPLE = 1_000_000
 
 
 
@@ -48,7 +52,7 @@ def prepare_data(cfg: DataConfig, splits: Sequence[str] | None = None,
     corpus = mix(open_corpus(cfg, names), cfg)
     tokenizer_key = _hash(CACHE_VERSION, tokenizers.__version__, corpus.key(cfg.train_split),
                           cfg.src_lang, cfg.tgt_lang, cfg.vocab_size, cfg.joint_vocab,
-                          cfg.lowercase)
+                          cfg.lowercase, *_sample_key(cfg))
     cache = Path(cfg.cache_dir) / f"{cfg.source}-{cfg.src_lang}-{cfg.tgt_lang}-{tokenizer_key}"
     if given_tokenizers is None:
         tokenizer_pair = _tokenizers(cfg, corpus, cache, log)
@@ -62,6 +66,36 @@ def prepare_data(cfg: DataConfig, splits: Sequence[str] | None = None,
     encoded = {name: _encoded_split(cfg, corpus, name, tokenizer_pair, cache, log)
                for name in names}
     return TranslationData(*tokenizer_pair, encoded, cache)
+
+
+def _sample_key(cfg: DataConfig) -> list[Any]:
+    sample = getattr(cfg, "tokenizer_sample", DEFAULT_TOKENIZER_SAMPLE)
+    return [] if sample == DEFAULT_TOKENIZER_SAMPLE else [["tokenizer_sample", sample]]
+
+
+def tokenizer_sample(chunks: Iterable[tuple[list[str], list[str]]], size: int | None
+                     ) -> Iterable[tuple[list[str], list[str]]]:
+    """At most ``size`` pairs of ``chunks``, in corpus order: all of them when there are
+    no more (Multi30k), else a uniform sample, seeded, so the same corpus gives the same
+    tokenizer (reservoir sampling: memory holds the sample, never the corpus)."""
+    if size is None:
+        yield from chunks
+        return
+    reservoir: list[tuple[int, str, str]] = []
+    rng, seen = random.Random(0), 0
+    for src_texts, tgt_texts in chunks:
+        for src, tgt in zip(src_texts, tgt_texts, strict=True):
+            if seen < size:
+                reservoir.append((seen, src, tgt))
+            else:
+                slot = rng.randrange(seen + 1)
+                if slot < size:
+                    reservoir[slot] = (seen, src, tgt)
+            seen += 1
+    reservoir.sort()
+    for start in range(0, len(reservoir), 10_000):
+        part = reservoir[start:start + 10_000]
+        yield [src for _, src, _ in part], [tgt for _, _, tgt in part]
 
 
 def tokenizer_hash(tokenizer_pair: tuple[Any, Any]) -> str:
@@ -108,6 +142,8 @@ def _tokenizers(cfg: DataConfig, corpus: FileCorpus | HubCorpus | MixedCorpus, c
             mixed = isinstance(corpus, MixedCorpus)  # each corpus of a mix once, unweighted
             chunks = corpus.chunks(cfg.train_split, weighted=False) if mixed \
                 else corpus.chunks(cfg.train_split)
+            chunks = tokenizer_sample(chunks, getattr(cfg, "tokenizer_sample",
+                                                      DEFAULT_TOKENIZER_SAMPLE))
             texts = (text for chunk in chunks for i in side for text in chunk[i])
             tokenizer = Tokenizer.train(texts, cfg.vocab_size, cfg.lowercase,
                                         tags=corpus.tags if mixed and 0 in side else ())

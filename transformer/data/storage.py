@@ -58,12 +58,15 @@ class Ragged(Sequence):
 
 
 class _RaggedWriter:
-    """Appends rows to ``path.bin`` as they come, so a streamed split never sits in memory."""
+    """Appends rows to ``path.bin`` as they come, and their end offsets to a raw file that
+    becomes ``path.idx.npy`` at ``close``: a streamed split never sits in memory, not even
+    its lengths (millions of Python ints would)."""
 
     def __init__(self, path: Path, text: bool = False) -> None:
         self.path, self.text = path, text
         self._file = open(path.with_suffix(".bin"), "wb")  # noqa: SIM115 -- closed in close()
-        self._lengths: list[int] = []
+        self._ends = open(path.with_suffix(".ends"), "wb")  # noqa: SIM115 -- closed in close()
+        self._rows, self._end = 0, 0
 
     def add(self, rows: Sequence[str] | Sequence[list[int]]) -> None:
         if self.text:
@@ -73,12 +76,24 @@ class _RaggedWriter:
             lengths = [len(row) for row in rows]
             flat = np.fromiter(chain.from_iterable(rows), np.int32, sum(lengths)).tobytes()
         self._file.write(flat)
-        self._lengths += lengths
+        ends = self._end + np.cumsum(np.asarray(lengths, np.int64), dtype=np.int64)
+        self._ends.write(ends.astype("<i8").tobytes())
+        self._rows += len(lengths)
+        self._end = int(ends[-1]) if len(ends) else self._end
 
     def close(self) -> None:
+        """Write ``path.idx.npy`` (offsets, a leading 0 then every row's end) from the raw
+        ends, a block at a time."""
         self._file.close()
-        offsets = np.concatenate([[0], np.cumsum(self._lengths, dtype=np.int64)])
-        np.save(self.path.with_suffix(".idx.npy"), offsets.astype(np.int64))
+        self._ends.close()
+        ends_path = self.path.with_suffix(".ends")
+        header = {"descr": "<i8", "fortran_order": False, "shape": (self._rows + 1,)}
+        with open(self.path.with_suffix(".idx.npy"), "wb") as out, open(ends_path, "rb") as ends:
+            np.lib.format.write_array_header_1_0(out, header)
+            out.write(np.zeros(1, "<i8").tobytes())
+            while block := ends.read(1 << 22):
+                out.write(block)
+        ends_path.unlink()
 
 
 FIELDS = {"src_ids": False, "tgt_ids": False, "src_text": True, "tgt_text": True}  # name: text

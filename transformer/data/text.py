@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import gzip
 import zlib
+from collections.abc import Iterator
+from contextlib import ExitStack
+from itertools import islice
 from pathlib import Path
+from typing import IO
 
 
 class DataError(ValueError):
@@ -25,6 +29,58 @@ def read_parallel_lines(src_path: str | Path, tgt_path: str | Path
         raise DataError(f"line counts differ: {src_path} has {len(src_lines)} lines, "
                         f"{tgt_path} has {len(tgt_lines)}")
     return src_lines, tgt_lines
+
+
+def iter_parallel_chunks(src_path: str | Path, tgt_path: str | Path, size: int
+                         ) -> Iterator[tuple[list[str], list[str]]]:
+    """The lines of two parallel files, ``size`` pairs at a time, read as they are needed:
+    memory holds one chunk, whatever the files' size. Lines are split and decoded as in
+    ``read_lines``; files of different line counts are an error once the shorter one ends
+    (the chunks before it have been yielded by then)."""
+    paths = Path(src_path), Path(tgt_path)
+    with ExitStack() as stack:
+        files = [stack.enter_context(_open(path)) for path in paths]
+        readers = [_decoded_lines(file, path) for file, path in zip(files, paths, strict=True)]
+        read = 0
+        while True:
+            chunks = [list(islice(reader, size)) for reader in readers]
+            if len(chunks[0]) != len(chunks[1]):
+                counts = [read + len(chunk) + sum(1 for _ in reader)
+                          for chunk, reader in zip(chunks, readers, strict=True)]
+                raise DataError(f"line counts differ: {src_path} has {counts[0]} lines, "
+                                f"{tgt_path} has {counts[1]}")
+            if not chunks[0]:
+                return
+            read += len(chunks[0])
+            yield chunks[0], chunks[1]
+
+
+def _open(path: Path) -> IO[bytes]:
+    try:
+        return gzip.open(path) if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
+    except OSError as error:
+        raise DataError(f"{path}: cannot read it ({error.strerror or error})") from None
+
+
+def _decoded_lines(file: IO[bytes], path: Path) -> Iterator[str]:
+    """The lines of an open binary file, as ``read_lines`` gives them, one at a time."""
+    number = 0
+    try:
+        for number, raw in enumerate(file, 1):  # binary files split at b"\n" only
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path}:{number}: bytes that are not UTF-8 "
+                                f"({raw[error.start:error.start + 4]!r})") from None
+            if number == 1:
+                line = line.removeprefix("\ufeff")
+            yield line.removesuffix("\n").removesuffix("\r")
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise DataError(f"{path}: not a readable gzip file ({error})") from None
+    except OSError as error:
+        if path.suffix == ".gz":
+            raise DataError(f"{path}: not a readable gzip file ({error})") from None
+        raise DataError(f"{path}: cannot read it ({error.strerror or error})") from None
 
 
 def read_lines(path: str | Path) -> list[str]:
