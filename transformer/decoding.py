@@ -45,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -395,11 +395,13 @@ def best_hypotheses(model: Transformer | Ensemble, src_tokens: Tensor, beam: int
 @torch.inference_mode()
 def translate_ids(model: Transformer | Ensemble, src_ids: list[list[int]], beam: int = 5,
                   lenpen: float = 0.6, max_tokens: int = 8192,
+                  on_batch: Callable[[int], None] | None = None,
                   **search_kwargs: Any) -> list[list[int]]:
     """Token ids in (each ``tokens + [EOS]``), the best hypothesis's tokens out (without
     BOS and EOS), in order. Sorted by length and batched by ``max_tokens`` padded source
     tokens; a source with no token before EOS gives [] without running the model. Runs on
-    the model's device, in the caller's precision (autocast stays the caller's choice)."""
+    the model's device, in the caller's precision (autocast stays the caller's choice).
+    ``on_batch(n)``: called after each batch of n sentences (a progress bar)."""
     eos_id, pad_id = search_kwargs.get("eos_id", EOS_ID), search_kwargs.get("pad_id", PAD_ID)
     device = next(model.parameters()).device
     todo = [i for i, ids in enumerate(src_ids) if ids and ids != [eos_id]]
@@ -410,20 +412,24 @@ def translate_ids(model: Transformer | Ensemble, src_ids: list[list[int]], beam:
         hypotheses = best_hypotheses(model, src_tokens, beam, lenpen, **search_kwargs)
         for i, hypothesis in zip(indices, hypotheses, strict=True):
             outputs[i] = hypothesis.tokens
+        if on_batch is not None:
+            on_batch(len(indices))
     return outputs
 
 
 def translate(model: Transformer | Ensemble, tokenizer: TextTokenizer, sentences: list[str],
               beam: int = 5, lenpen: float = 0.6, max_tokens: int = 8192,
               device: torch.device | str | None = None, precision: str = "auto",
-              first_line: int = 1, **search_kwargs: Any) -> list[str]:
+              first_line: int = 1, on_batch: Callable[[int], None] | None = None,
+              **search_kwargs: Any) -> list[str]:
     """Translate ``sentences``, in order: tokenize (+ EOS), ``translate_ids`` (beam 1:
     greedy), detokenize. Empty sentences give "" without reaching the tokenizer or the
     model. A sentence longer than the model's ``max_len`` tokens (EOS included) is cut to
     its first ``max_len - 1`` tokens + EOS, with a warning naming its line (``first_line``:
     the line number of ``sentences[0]``). ``device``: where to run (the model moves there);
     None: the model's device. ``precision``: the autocast dtype, as ``trainer.precision``
-    (auto: bf16 on CUDA, fp32 on the CPU). ``search_kwargs`` go to the search
+    (auto: bf16 on CUDA, fp32 on the CPU). ``on_batch(n)``: called after each batch of n
+    sentences. ``search_kwargs`` go to the search
     (max_len_a, max_len_b, min_len, bos_id, eos_id, pad_id, ...)."""
     if device is not None:
         model.to(device)
@@ -437,7 +443,8 @@ def translate(model: Transformer | Ensemble, tokenizer: TextTokenizer, sentences
     src_ids = [truncated(ids, model.max_len, eos_id, first_line + i)
                for i, ids in zip(todo, src_ids, strict=True)]
     with Precision.resolve(precision, device, training=False).autocast():
-        hypotheses = translate_ids(model, src_ids, beam, lenpen, max_tokens, **search_kwargs)
+        hypotheses = translate_ids(model, src_ids, beam, lenpen, max_tokens,
+                                   on_batch=on_batch, **search_kwargs)
     for i, text in zip(todo, tokenizer.decode_batch(hypotheses), strict=True):
         outputs[i] = text
     return outputs
