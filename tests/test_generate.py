@@ -3,6 +3,7 @@ a file, on a tiny checkpoint built here (random weights: deterministic on one th
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import random
@@ -17,9 +18,16 @@ import pytest
 
 from tests.test_evaluate import REPO, eval_config, hyp_file, make_checkpoint
 from transformer.config import ConfigError
-from transformer.data import DataError
+from transformer.data import DataError, read_lines
 from transformer.evaluation import evaluate
-from transformer.generate import Committed, progress_path, resume_point, stream_translations
+from transformer.generate import (
+    Committed,
+    count_lines,
+    progress_path,
+    read_chunks,
+    resume_point,
+    stream_translations,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 WORDS = ["a", "man", "dog", "runs", "red", "ball", "on", "the", "grass", "two", "children",
@@ -166,3 +174,18 @@ def test_memory_does_not_grow_with_the_file(tmp_path):
     the file: holding 200k lines would take tens of MB)."""
     small, large = peak_python_memory(tmp_path, 20_000), peak_python_memory(tmp_path, 200_000)
     assert large < 1.5 * small + 200_000, (small, large)
+
+
+def test_chunks_split_lines_as_read_lines_does(tmp_path):
+    """Against data.read_lines: a byte order mark, \\r\\n, a lone \\r kept, an empty line,
+    no final newline; and a .gz file gives the same chunks."""
+    data = "\ufeffone\r\ntwo\rhalf\n\nthree\nfour".encode()
+    plain, packed = tmp_path / "in.en", tmp_path / "in.en.gz"
+    plain.write_bytes(data)
+    packed.write_bytes(gzip.compress(data))
+    for path in (plain, packed):
+        chunks = list(read_chunks(path, 2))
+        assert [first for first, _ in chunks] == [0, 2, 4]
+        assert [line for _, lines in chunks for line in lines] == read_lines(plain)
+        assert count_lines(path) == 5
+        assert list(read_chunks(path, 2, skip=2)) == chunks[1:]
