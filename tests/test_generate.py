@@ -3,6 +3,7 @@ a file, on a tiny checkpoint built here (random weights: deterministic on one th
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import json
 import os
@@ -189,3 +190,13 @@ def test_chunks_split_lines_as_read_lines_does(tmp_path):
         assert [line for _, lines in chunks for line in lines] == read_lines(plain)
         assert count_lines(path) == 5
         assert list(read_chunks(path, 2, skip=2)) == chunks[1:]
+
+
+def test_a_second_run_on_the_same_output_stops(tmp_path):
+    src = write_source(tmp_path / "in.en", 10)
+    out = tmp_path / "out.de"
+    out.write_bytes(b"")
+    with open(out, "ab") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with pytest.raises(DataError, match="being written by another run"):
+            stream_translations(src, out, fake_translator, 5, Committed(0, 0, {}))

@@ -17,7 +17,8 @@ on at the next chunk. Chunks always start at multiples of ``chunk_lines``, so ea
 batched as in an uninterrupted run, and the final file is the same byte for byte (on the
 same device). An output file whose fingerprint differs, or that exists without a sidecar,
 is refused (one line, exit 2) unless ``overwrite=true``. A finished run keeps its sidecar:
-the same command again finds nothing left to do.
+the same command again finds nothing left to do. A second run on an output file that a
+run is writing stops at once (an ``flock`` on it).
 
 The output is committed by bytes, counted in input lines: a chunk may write any number of
 lines per input line. That is the hook for n-best output: a ``translate_chunk`` that
@@ -43,6 +44,11 @@ from tqdm import tqdm
 
 from transformer.config import ConfigError, EvalConfig
 from transformer.data import DataError
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system
+    fcntl = None
 
 log = logging.getLogger("transformer")
 
@@ -235,9 +241,9 @@ def stream_translations(src_path: Path, out_path: Path, translate_chunk: ChunkTr
         log.info("%s: all %d lines are translated already", out_path, total)
         return total
     progress = ChunkProgress(total, committed.lines)
-    with open(out_path, "r+b" if committed.bytes else "wb") as out:
+    with open(out_path, "ab") as out:  # appends; truncated only once locked
+        lock(out, out_path)
         out.truncate(committed.bytes)  # a chunk written but not recorded goes
-        out.seek(committed.bytes)
         save_progress(sidecar, committed)  # from here on the output is a run's, resumable
         try:
             for first, lines in read_chunks(src_path, chunk_lines, skip=committed.lines):
@@ -251,6 +257,17 @@ def stream_translations(src_path: Path, out_path: Path, translate_chunk: ChunkTr
         finally:
             progress.close()
     return total
+
+
+def lock(out: IO[bytes], out_path: Path) -> None:
+    """One writer per output file: a second run on it stops (the kernel drops the lock
+    when its holder dies, kill -9 included, so a killed run never blocks its resume)."""
+    if fcntl is None:  # not a POSIX system: no lock
+        return
+    try:
+        fcntl.flock(out, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise DataError(f"output_file={out_path} is being written by another run") from None
 
 
 class ChunkProgress:
