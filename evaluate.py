@@ -4,6 +4,7 @@
     python evaluate.py checkpoint=PATH splits=[test_2016_flickr] beam=4 lenpen=0.6
     python evaluate.py checkpoint=PATH mode=files src_file=my.en ref_file=my.de
     echo "A dog runs." | python evaluate.py checkpoint=PATH mode=interactive
+    python evaluate.py checkpoint=PATH mode=generate src_file=big.en output_file=big.de  # resumable
     python evaluate.py checkpoint=RUN_A ensemble=[RUN_B,RUN_C] average_last=10  # an ensemble
     python evaluate.py checkpoint=PATH search=sample top_p=0.9 seed=2     # search options:
     python evaluate.py checkpoint=PATH beam=5 nbest=5 token_scores=true   # README "Search options"

@@ -201,9 +201,13 @@ class EvalConfig:
     average_last: int = 0  # >1: average the run's newest N numbered checkpoints (paper 6.1)
     ensemble: list[str] = field(default_factory=list)  # more checkpoints, decoded with it
     splits: list[str] = field(default_factory=lambda: ["test_2016_flickr", "test_2017_flickr"])
-    mode: str = "splits"  # splits | files | interactive
+    mode: str = "splits"  # splits | files | interactive | generate (transformer/generate.py)
     src_file: str | None = None
     ref_file: str | None = None
+    # mode=generate: a file of any size, streamed in chunks of chunk_lines and resumable
+    output_file: str | None = None
+    chunk_lines: int = 10_000  # lines sorted and batched together (outputs depend on it)
+    overwrite: bool = False  # start output_file again, whatever it holds
     beam: int = 5
     lenpen: float = 0.6
     max_len_a: float = 1.2

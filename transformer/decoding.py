@@ -494,14 +494,16 @@ def check_n_best(nbest: int, beam: int, sampler: Sampler | None) -> None:
 @torch.inference_mode()
 def search_ids(model: Transformer | Ensemble, src_ids: list[list[int]], beam: int = 5,
                lenpen: float = 0.6, max_tokens: int = 8192, n_best: int = 1,
-               prefix_tokens: list[list[int]] | None = None, **search_kwargs: Any
+               prefix_tokens: list[list[int]] | None = None,
+               on_batch: Callable[[int], None] | None = None, **search_kwargs: Any
                ) -> list[list[Hypothesis]]:
     """Token ids in (each ``tokens + [EOS]``), the ``n_best`` best hypotheses of each out,
     in order. Sorted by length and batched by ``max_tokens`` padded source tokens; a
     source with no token before EOS gives one empty hypothesis without running the model.
     ``prefix_tokens``: one forced target prefix a source. A ``sampler`` in
     ``search_kwargs`` draws source i from its random stream i (``sample_search``). Runs on
-    the model's device, in the caller's precision (autocast stays the caller's choice)."""
+    the model's device, in the caller's precision (autocast stays the caller's choice).
+    ``on_batch(n)``: called after each batch of n sources (a progress bar)."""
     eos_id, pad_id = search_kwargs.get("eos_id", EOS_ID), search_kwargs.get("pad_id", PAD_ID)
     check_n_best(n_best, beam, search_kwargs.get("sampler"))
     if prefix_tokens is not None and len(prefix_tokens) != len(src_ids):
@@ -519,6 +521,8 @@ def search_ids(model: Transformer | Ensemble, src_ids: list[list[int]], beam: in
         hypotheses = n_best_hypotheses(model, src_tokens, beam, lenpen, n_best, **search_kwargs)
         for i, n_best_list in zip(indices, hypotheses, strict=True):
             outputs[i] = n_best_list
+        if on_batch is not None:
+            on_batch(len(indices))
     return outputs
 
 
@@ -526,7 +530,8 @@ def translate_ids(model: Transformer | Ensemble, src_ids: list[list[int]], beam:
                   lenpen: float = 0.6, max_tokens: int = 8192,
                   **search_kwargs: Any) -> list[list[int]]:
     """Token ids in (each ``tokens + [EOS]``), the best hypothesis's tokens out (without
-    BOS and EOS), in order: ``search_ids``'s best."""
+    BOS and EOS), in order: ``search_ids``'s best (``on_batch`` and the other options
+    go to it)."""
     return [n_best[0].tokens for n_best in search_ids(model, src_ids, beam, lenpen, max_tokens,
                                                       **search_kwargs)]
 
@@ -558,7 +563,7 @@ def translate_nbest(model: Transformer | Ensemble, tokenizer: TextTokenizer,
     ``device``: where to run (the model moves there); None: the model's device.
     ``precision``: the autocast dtype, as ``trainer.precision`` (auto: bf16 on CUDA, fp32
     on the CPU). ``search_kwargs`` go to the search (max_len_a, max_len_b, min_len,
-    no_repeat_ngram_size, bos_id, eos_id, pad_id, ...)."""
+    no_repeat_ngram_size, bos_id, eos_id, pad_id, ``on_batch`` for a progress bar, ...)."""
     if device is not None:
         model.to(device)
     device = next(model.parameters()).device

@@ -56,6 +56,11 @@ def score(hypotheses: list[str], references: list[str]) -> dict[str, float | str
 def evaluate(cfg: EvalConfig | DictConfig, stdin: IO = sys.stdin,
              stdout: TextIO = sys.stdout) -> dict[str, dict]:
     """Load the checkpoint, then translate and score as ``cfg.mode`` says."""
+    if cfg.mode == "generate":  # a file of any size, streamed: transformer/generate.py
+        from transformer.generate import generate
+
+        generate(cfg)
+        return {}
     device = resolve_device(cfg.device)
     precision = Precision.resolve(cfg.precision, device, training=False).name  # fails early
     check_search_options(cfg)
@@ -87,7 +92,8 @@ def evaluate(cfg: EvalConfig | DictConfig, stdin: IO = sys.stdin,
     elif cfg.mode == "splits":
         named = read_splits(data_config(train_cfg, cfg), list(cfg.splits))
     else:
-        raise DataError(f"mode={cfg.mode!r} is not one of ['splits', 'files', 'interactive']")
+        raise DataError(f"mode={cfg.mode!r} is not one of ['splits', 'files', 'interactive', "
+                        "'generate']")
     output_dir = (Path(cfg.output_dir) if cfg.output_dir else
                   default_output_dir(cfg.checkpoint, ensemble=bool(cfg.ensemble)))
     settings = settings_name(cfg, precision)
