@@ -34,8 +34,8 @@ from transformer.ctranslate2_export import (  # noqa: E402
     vocabularies,
 )
 from transformer.data import read_lines  # noqa: E402
-from transformer.decoding import translate_ids  # noqa: E402
 from transformer.tokenizer import EOS_ID  # noqa: E402
+from transformer.translation import translate_ids  # noqa: E402
 
 
 def timed(run):

@@ -39,10 +39,10 @@ from transformer.ctranslate2_export import (  # noqa: E402
     translate_ctranslate2,
     vocabularies,
 )
-from transformer.decoding import translate, translate_ids  # noqa: E402
 from transformer.export import write_export  # noqa: E402
 from transformer.model import Transformer, build_model  # noqa: E402
 from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer  # noqa: E402
+from transformer.translation import translate, translate_ids  # noqa: E402
 
 from .conftest import make_toy_pairs  # noqa: E402
 

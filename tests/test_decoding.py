@@ -11,13 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from transformer import Ensemble, Transformer
-from transformer.decoding import (
-    Hypothesis,
-    beam_search,
-    greedy_search,
-    translate,
-    translate_ids,
-)
+from transformer.decoding import Hypothesis, beam_search, greedy_search
+from transformer.translation import translate, translate_ids
 
 PAD, BOS, EOS = 0, 1, 2
 SRC_VOCAB, TGT_VOCAB = 19, 13

@@ -24,11 +24,11 @@ from transformer.checkpoint import (
 )
 from transformer.config import ConfigError, DataConfig, EvalConfig, ModelConfig, TrainConfig
 from transformer.data import DataError
-from transformer.decoding import translate
 from transformer.ensemble import Ensemble
 from transformer.evaluation import default_output_dir, evaluate, score
 from transformer.model import build_model
 from transformer.tokenizer import Tokenizer
+from transformer.translation import translate
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(d_model=32, n_heads=4, n_encoder_layers=1, n_decoder_layers=1, d_ff=64,

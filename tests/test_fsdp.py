@@ -31,7 +31,6 @@ from transformer.checkpoint import (
 )
 from transformer.config import EvalConfig, OptimConfig
 from transformer.data import Batch
-from transformer.decoding import translate_ids
 from transformer.distributed import Distributed, LossModule, wrap_for_training
 from transformer.evaluation import evaluate
 from transformer.fsdp import (
@@ -45,6 +44,7 @@ from transformer.fsdp import (
 from transformer.optim import build_optimizer
 from transformer.precision import Precision
 from transformer.trainer import batch_loss, train_step
+from transformer.translation import translate_ids
 
 REPO = Path(__file__).resolve().parents[1]
 # The toy corpus (conftest), a tiny model, dropout 0 (ranks draw other masks than DDP's).

@@ -25,11 +25,12 @@ from transformer.checkpoint import (  # noqa: E402
 )
 from transformer.config import DataConfig, EvalConfig, register_configs  # noqa: E402
 from transformer.data import prepare_data  # noqa: E402
-from transformer.decoding import beam_search, greedy_search, translate  # noqa: E402
+from transformer.decoding import beam_search, greedy_search  # noqa: E402
 from transformer.evaluation import evaluate  # noqa: E402
 from transformer.marian import MarianConversionError, convert_marian  # noqa: E402
 from transformer.positional import sinusoids  # noqa: E402
 from transformer.trainer import train  # noqa: E402
+from transformer.translation import translate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["the", "a", "dog", "cat", "runs", "sleeps", "on", "under", "big", "small", "red",

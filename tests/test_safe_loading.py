@@ -34,12 +34,12 @@ from transformer.checkpoint import (
     save_checkpoint,
 )
 from transformer.config import DataConfig, TrainConfig
-from transformer.decoding import translate
 from transformer.evaluation import evaluate
 from transformer.export import read_export, write_export
 from transformer.model import build_model
 from transformer.tokenizer import Tokenizer
 from transformer.trainer import rng_state, set_rng_state, train
+from transformer.translation import translate
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))

@@ -19,15 +19,10 @@ from tests.test_decoding import (
     unpadded,
 )
 from transformer.config import ConfigError
-from transformer.decoding import (
-    beam_search,
-    greedy_search,
-    sample_search,
-    search_ids,
-    translate_nbest,
-)
+from transformer.decoding import beam_search, greedy_search, sample_search
 from transformer.sampling import Sampler
 from transformer.search_rules import ban_repeated_ngrams
+from transformer.translation import search_ids, translate_nbest
 
 
 @pytest.fixture(autouse=True, scope="module")

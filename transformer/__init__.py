@@ -32,11 +32,11 @@ _EXPORTS = {
     "ModelConfig": "transformer.config",
     "Tokenizer": "transformer.tokenizer",
     "load_checkpoint": "transformer.checkpoint",
-    "translate": "transformer.decoding",
+    "translate": "transformer.translation",
     "greedy_search": "transformer.decoding",
     "beam_search": "transformer.decoding",
     "sample_search": "transformer.decoding",
-    "translate_nbest": "transformer.decoding",
+    "translate_nbest": "transformer.translation",
     "Sampler": "transformer.sampling",
     "Ensemble": "transformer.ensemble",
 }

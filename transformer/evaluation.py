@@ -23,7 +23,7 @@ from transformer.checkpoint import (
 )
 from transformer.config import DataConfig, EvalConfig
 from transformer.data import DataError, open_corpus, read_lines, read_parallel_lines
-from transformer.decoding import Hypothesis, translate_nbest
+from transformer.decoding import Hypothesis
 from transformer.ensemble import Ensemble
 from transformer.model import Transformer
 from transformer.precision import Precision, resolve_device
@@ -35,6 +35,7 @@ from transformer.search_options import (
     search_name,
     wants_json,
 )
+from transformer.translation import translate_nbest
 
 log = logging.getLogger("transformer")
 

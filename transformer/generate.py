@@ -3,7 +3,7 @@
     python evaluate.py checkpoint=PATH mode=generate src_file=big.en output_file=big.de
 
 The source (plain or .gz UTF-8, one sentence a line) is read ``chunk_lines`` lines at a
-time, never whole: each chunk is translated by ``decoding.translate`` (sorted by length,
+time, never whole: each chunk is translated by ``translation.translate_nbest`` (sorted by length,
 batched by ``batch_tokens``, the same beam and length options as the other modes) and
 its translations are appended to ``output_file`` in input order, one line each.
 
@@ -75,7 +75,6 @@ class Committed:
 def generate(cfg: EvalConfig | DictConfig) -> int:
     """Translate ``cfg.src_file`` into ``cfg.output_file`` (see the module docstring);
     -> the number of lines translated in all."""
-    from transformer.decoding import translate_nbest
     from transformer.evaluation import load_models
     from transformer.precision import Precision, resolve_device
     from transformer.search_options import (
@@ -84,6 +83,7 @@ def generate(cfg: EvalConfig | DictConfig) -> int:
         search_kwargs,
         wants_json,
     )
+    from transformer.translation import translate_nbest
 
     check_search_options(cfg)
     src_path, out_path = checked_paths(cfg)

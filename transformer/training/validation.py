@@ -12,13 +12,14 @@ import torch
 from sacrebleu.metrics import BLEU
 
 from transformer.data import EncodedSplit, TokenBatchSampler, collate
-from transformer.decoding import evaluating, translate_ids
+from transformer.decoding import evaluating
 from transformer.distributed import sum_over_ranks
 from transformer.fsdp import full_parameters
 from transformer.model import keep_attention_weights
 from transformer.tokenizer import EOS_ID
 from transformer.training.state import save
 from transformer.training.step import batch_loss
+from transformer.translation import translate_ids
 
 if TYPE_CHECKING:
     from transformer.training.run import Run
