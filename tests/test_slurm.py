@@ -1,8 +1,8 @@
 """Real SLURM jobs through hydra-submitit-launcher, on the one-machine cluster of
 scripts/slurm_local.sh (configs/hydra/launcher/slurm_local.yaml): a sweep of two jobs, a
-job of two tasks that train as two DDP ranks, and a job requeued mid-run that resumes
-from its checkpoint. Skipped when no cluster answers (start one with
-``scripts/slurm_local.sh start``)."""
+job of two tasks that train as two DDP ranks, and a job requeued mid-run (by SLURM, or by
+submitit on its timeout notice) that resumes from its checkpoint. Skipped when no cluster
+answers (start one with ``scripts/slurm_local.sh start``)."""
 
 from __future__ import annotations
 
@@ -129,8 +129,17 @@ def wait_for(predicate, timeout_s: float, what: str) -> None:
         time.sleep(0.5)
 
 
+# How the job is stopped: SLURM's requeue (its SIGTERM, as on preemption), or submitit's
+# timeout notice, sent here at once instead of signal_delay_s before the time limit;
+# submitit's handler then requeues the job itself.
+STOPS = {"requeue": (["scontrol", "requeue"], "SIGTERM"),
+         "timeout_notice": (["scancel", "--signal=USR2"], "SIGUSR2")}
+
+
+@pytest.mark.parametrize("stop", sorted(STOPS))
 def test_a_requeued_job_saves_resumes_and_ends_as_an_uninterrupted_run(
-        multi30k_dir, data_cache, tmp_path):
+        multi30k_dir, data_cache, tmp_path, stop):
+    command, signal_name = STOPS[stop]
     steps = ["trainer.max_steps=60", "trainer.save_every_steps=10",
              "trainer.val_every_steps=30", "trainer.log_every_steps=10"]
     sweep_dir = tmp_path / "sweep"
@@ -145,7 +154,7 @@ def test_a_requeued_job_saves_resumes_and_ends_as_an_uninterrupted_run(
         assert launcher.poll() is None, launcher.communicate()[0][-3000:]
         # one job, not an array: its folder is .submitit/<job id>
         job_id = next(path.name for path in (sweep_dir / ".submitit").iterdir() if path.is_dir())
-        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+        subprocess.run([*command, job_id], check=True, timeout=30)
         # SLURM holds a requeued job about two minutes before it may start again: the
         # job pends with a begin time; start it now instead
         wait_for(lambda: scontrol_job(job_id).get("JobState") == "PENDING", 60,
@@ -158,8 +167,13 @@ def test_a_requeued_job_saves_resumes_and_ends_as_an_uninterrupted_run(
         launcher.kill()
     assert launcher.returncode == 0, output[-3000:]
     logs = job_logs(sweep_dir)
-    assert "received SIGTERM" in logs and "exiting 75" in logs, logs[-3000:]
+    assert f"received {signal_name}" in logs, logs[-3000:]
+    assert ("Requeued job" in logs if stop == "timeout_notice" else "exiting 75" in logs), \
+        logs[-3000:]
     assert "resuming" in logs.lower(), logs[-3000:]
+    # submitit writes the result before the job's processes end: wait for SLURM's verdict
+    wait_for(lambda: scontrol_job(job_id).get("JobState") not in ("RUNNING", "COMPLETING"),
+             60, "the job to end")
     job = scontrol_job(job_id)  # kept a while after the end (MinJobAge)
     if job:
         assert job["JobState"] == "COMPLETED" and int(job["Restarts"]) >= 1, job

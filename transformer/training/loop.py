@@ -57,15 +57,16 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             run.logger.close()
             run.train_module = None  # DDP's reducer goes before the process group: shutdown
             shutdown()
-    if stopped:
-        exit_for_requeue()  # under submitit on SLURM: no result yet, the rerun gives it
+    if stopped is not None:
+        exit_for_requeue(stopped)  # under submitit on SLURM: no result yet, the rerun gives it
     return run.state.best if run.state.best is not None else float("nan")
 
 
-def fit(run: Run) -> bool:
+def fit(run: Run) -> str | None:
     """The loop: steps over token-bucketed batches, epoch after epoch, until max_steps,
-    max_epochs or early stopping, or until SIGTERM/SIGINT: then it saves and returns True,
-    and ``trainer.resume=auto`` continues exactly where it stopped."""
+    max_epochs or early stopping (then None), or until a stop signal (SIGTERM, SIGINT,
+    submitit's timeout notice): then it saves and returns the signal's name ("" when it came
+    to another rank), and ``trainer.resume=auto`` continues exactly where it stopped."""
     cfg, state = run.cfg.trainer, run.state
     train_split = run.data.splits[run.cfg.data.train_split]
     sampler = TokenBatchSampler.for_split(
@@ -93,11 +94,11 @@ def fit(run: Run) -> bool:
         log.info("received %s at step %d: saved checkpoint %s, exiting; resume with "
                  "trainer.resume=auto", stop.received or "a stop signal (on another rank)",
                  state.step, run.checkpoint_dir / f"checkpoint_{state.step}.pt")
-        return True
+        return stop.received or ""
     log.info("done: step %d, best %s %s; checkpoints in %s", state.step,
              run.cfg.trainer.best_metric, state.best, run.checkpoint_dir)
     log.info("evaluate with: %s", evaluate_command(run))
-    return False
+    return None
 
 
 def run_steps(run: Run, sampler: TokenBatchSampler, split: EncodedSplit, progress: Progress,

@@ -1,4 +1,5 @@
-"""Stopping cleanly on SIGTERM/SIGINT (preemption, Ctrl-C), on every rank at one step."""
+"""Stopping cleanly on SIGTERM/SIGINT (preemption, Ctrl-C) and on submitit's timeout
+notice (SIGUSR2 under SLURM), on every rank at one step."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ class StopSignal:
     same worker. Handlers can only be installed in the main thread; elsewhere the signals
     keep their usual effect (a checkpoint on disk is whole whenever a process dies)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)  # and, under submitit, its timeout notice
 
     def __init__(self) -> None:
         self.received: str | None = None  # the first signal's name
@@ -29,7 +30,8 @@ class StopSignal:
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
-            self.previous = {number: signal.signal(number, self.note) for number in self.SIGNALS}
+            numbers = (*self.SIGNALS, *filter(None, [submitit_timeout_signal()]))
+            self.previous = {number: signal.signal(number, self.note) for number in numbers}
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -52,11 +54,20 @@ def stop_requested(stop: StopSignal, ddp: Distributed) -> bool:
     return any_rank(stop.received is not None, ddp)
 
 
+def submitit_timeout_signal() -> signal.Signals | None:
+    """The signal submitit asks SLURM to send ``signal_delay_s`` before the job's time limit
+    (``--signal=USR2@...``; SUBMITIT_PREEMPT_SIGNAL names another), under submitit on
+    SLURM; None elsewhere."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return None
+    return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
+
+
 # EX_TEMPFAIL of sysexits.h: "try again later".
 REQUEUE_STATUS = 75
 
 
-def exit_for_requeue() -> None:
+def exit_for_requeue(received: str) -> None:
     """After a stop signal under hydra-submitit-launcher on SLURM (configs/hydra/launcher/
     slurm.yaml), exit 75 instead of returning. A preempted or ``scontrol requeue``-d job
     is requeued by SLURM whatever its exit status, and reruns with the same job id, the
@@ -65,8 +76,25 @@ def exit_for_requeue() -> None:
     waiting on it would take the job as finished, with the stopped run's result, while
     SLURM runs it again. ``SystemExit`` is no ``Exception``: submitit writes no result,
     the launcher keeps waiting, and the rerun writes the result. Elsewhere (a terminal,
-    torchrun) a stopped run exits 0, as before."""
-    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
-        log.info("exiting %d: SLURM requeues the job and trainer.resume=auto continues it",
-                 REQUEUE_STATUS)
-        raise SystemExit(REQUEUE_STATUS)
+    torchrun) a stopped run exits 0, as before.
+
+    Submitit's timeout notice (``received``, the stopping signal's name) is no requeue by
+    itself: submitit's own handler requeues the job (``scontrol requeue``, at most
+    ``max_num_timeout`` times) and exits. ``StopSignal`` took that signal over for the
+    loop, to save at a step boundary first (submitit's handler would exit mid-step, and
+    the rerun would start from the last periodic checkpoint); now that the checkpoint is
+    saved, the handler, restored by ``StopSignal``, does the requeue. It acts on global
+    rank 0 only and returns on the others, which exit 75 here; the SIGTERM of the requeue
+    finds submitit's handler, which logs it and lets the process end."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return
+    timeout = submitit_timeout_signal()
+    if timeout is not None and received == timeout.name:
+        handler = signal.getsignal(timeout)
+        if callable(handler):
+            log.info("%s was submitit's timeout notice: its handler requeues the job",
+                     received)
+            handler(timeout, None)  # requeues and exits on rank 0
+    log.info("exiting %d: SLURM requeues the job and trainer.resume=auto continues it",
+             REQUEUE_STATUS)
+    raise SystemExit(REQUEUE_STATUS)
