@@ -586,6 +586,7 @@ NOT_A = {int: ["abc", 1.5, [1, 2], {"a": 1}, True], float: ["abc", [0.5], {"a": 
          str: [[1, 2], {"a": 1}], dict: ["abc", 1.5, [1, 2], True]}  # any text is a string
 # Counts that may be zero; every other int key is a size or a count that must be positive.
 MAY_BE_ZERO = {"sched.warmup_steps", "trainer.overfit_batches", "logger.n_examples",
+               "data.prefetch",  # 0: no prefetching thread
                "trainer.max_steps"}  # 0 steps: save the starting point (a converted model)
 OTHER_INTS = {"trainer.seed": st.integers(max_value=-1) | st.integers(min_value=2**32),
               "model.pad_id": st.integers().filter(lambda value: value != 0)}

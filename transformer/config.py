@@ -268,7 +268,7 @@ POSITIVE = ("model.d_model", "model.n_heads", "model.n_encoder_layers", "model.n
             "trainer.dist_timeout_s", "trainer.threads")
 NON_NEGATIVE = ("optim.eps", "optim.weight_decay", "sched.warmup_steps", "sched.min_lr",
                 "trainer.clip_norm", "trainer.rdrop_alpha", "trainer.overfit_batches",
-                "logger.n_examples",
+                "logger.n_examples", "data.prefetch",  # 0: collate in the loop's thread
                 "trainer.max_steps")  # 0: only save the start (e.g. of a converted model)
 FRACTIONS = ("model.dropout", "model.attention_dropout", "model.activation_dropout",
              "model.token_dropout", "trainer.label_smoothing")
