@@ -1,7 +1,7 @@
 """Streaming preparation: memory bounded by the chunk, not the corpus; the ids of a streamed
 preparation equal a line-by-line reference encoding; a preparation killed with SIGKILL
-leaves nothing a later run trusts. Each preparation runs in its own process, whose peak
-RSS the kernel reports (``os.wait4``)."""
+leaves nothing a later run trusts. Each preparation runs in its own process, which reports
+its own peak RSS (``VmHWM`` of /proc/self/status)."""
 
 from __future__ import annotations
 
