@@ -45,7 +45,8 @@ from transformer.distributed import peer_lost
 # an OSError names the file (a folder that cannot be written, a full disk).
 USER_ERRORS = (ConfigError, DataError, CheckpointError, FloatingPointError, OSError)
 DATA_PATH_KEYS = ("data.root", "data_root",  # train.py's and evaluate.py's
-                  "data.tokenizer", "data.src_tokenizer", "data.tgt_tokenizer")
+                  "data.tokenizer", "data.src_tokenizer", "data.tgt_tokenizer",
+                  "data.train_tgt_file")
 
 
 def entry_point(config_name: str, schema: type) -> Callable[[Callable[[DictConfig], Any]],

@@ -74,6 +74,10 @@ class DataConfig:
                                                             "test_2017_flickr"])
     # parallel_files: "{split}" and "{lang}" are filled in; plain or .gz files.
     file_pattern: str = "{split}.{lang}"
+    # multi30k / parallel_files: the train split's target side read from this file instead,
+    # line i translating line i of the train source: a teacher's translations of it, for
+    # sequence-level distillation (experiment=multi30k_en_de_distill; README "Distillation")
+    train_tgt_file: str | None = None
     # hub: a Hugging Face dataset with a ``translation`` column.
     hub_name: str | None = None
     hub_config: str | None = None

@@ -24,16 +24,24 @@ CHUNK_PAIRS = 50_000  # pairs read and encoded at once: what a streamed corpus h
 class FileCorpus:
     """Parallel text files ``root / pattern.format(split=..., lang=...)``, plain or .gz;
     line i of the source file translates line i of the target file. Read in chunks each
-    time a split is asked for (the train split twice: BPE sample, then ids), never whole."""
+    time a split is asked for (the train split twice: BPE sample, then ids), never whole.
 
-    def __init__(self, root: Path, pattern: str, src_lang: str, tgt_lang: str) -> None:
+    ``tgt_files`` gives some splits another target file, line i translating line i of the
+    split's source file: ``data.train_tgt_file``, a teacher's translations of the train
+    source (sequence-level knowledge distillation, Kim and Rush 2016). Its path, size and
+    modification time are then the split's cache key, as any corpus file's are."""
+
+    def __init__(self, root: Path, pattern: str, src_lang: str, tgt_lang: str,
+                 tgt_files: dict[str, Path] | None = None) -> None:
         self.root, self.pattern, self.langs = root, pattern, (src_lang, tgt_lang)
+        self.tgt_files = tgt_files or {}
 
     @cached_property
     def splits(self) -> list[str]:
-        """The splits that have a file for both languages."""
+        """The splits that have a file for both languages (or a source file and one of
+        ``tgt_files``)."""
         found = [set(self._splits_of(lang)) for lang in self.langs]
-        return sorted(found[0] & found[1])
+        return sorted(found[0] & (found[1] | set(self.tgt_files)))
 
     def _splits_of(self, lang: str) -> Iterator[str]:
         relative = self.pattern.format(split="\0", lang=lang)
@@ -53,7 +61,8 @@ class FileCorpus:
     def paths(self, split: str) -> tuple[Path, Path]:
         self.check([split])
         plain = [self.root / self.pattern.format(split=split, lang=lang) for lang in self.langs]
-        return tuple(p if p.exists() else p.with_name(p.name + ".gz") for p in plain)
+        src_path, tgt_path = (p if p.exists() else p.with_name(p.name + ".gz") for p in plain)
+        return src_path, self.tgt_files.get(split, tgt_path)
 
     def key(self, split: str) -> list[Any]:
         """What identifies the split's content for the cache: paths, sizes, mtimes."""
@@ -139,9 +148,13 @@ def open_corpus(cfg: DataConfig, splits: Sequence[str]) -> FileCorpus | HubCorpu
 
         return open_multilingual(cfg, splits, _files_root)
     if cfg.source == "hub":
+        if cfg.train_tgt_file:
+            raise DataError("data.train_tgt_file replaces the target side of a file corpus "
+                            "(data=multi30k or data=parallel_files), not of data=hub")
         return HubCorpus(cfg)
     pattern = MULTI30K_PATTERN if cfg.source == "multi30k" else cfg.file_pattern
-    corpus = FileCorpus(_files_root(cfg, splits), pattern, cfg.src_lang, cfg.tgt_lang)
+    corpus = FileCorpus(_files_root(cfg, splits), pattern, cfg.src_lang, cfg.tgt_lang,
+                        _tgt_files(cfg, splits))
     corpus.check(splits)
     return corpus
 
@@ -156,6 +169,18 @@ def _files_root(cfg: DataConfig, splits: Sequence[str]) -> Path:
                             f"of the {cfg.file_pattern}[.gz] files")
         return Path(cfg.root)
     raise DataError(f"data.source={cfg.source!r} is not one of {list(SOURCES)}")
+
+
+def _tgt_files(cfg: DataConfig, splits: Sequence[str]) -> dict[str, Path]:
+    """``{train_split: data.train_tgt_file}`` when that is set and the train split is
+    wanted (evaluating a distilled student reads val/test only: the file need not exist)."""
+    if not cfg.train_tgt_file or cfg.train_split not in splits:
+        return {}
+    path = Path(cfg.train_tgt_file)
+    if not path.is_file():
+        raise DataError(f"data.train_tgt_file={path}: no such file; translate the train source "
+                        "into it first (README \"Distillation\")")
+    return {cfg.train_split: path}
 
 
 def _multi30k_root(cfg: DataConfig, splits: Sequence[str]) -> Path:
