@@ -172,12 +172,13 @@ def _files_root(cfg: DataConfig, splits: Sequence[str]) -> Path:
 
 
 def _tgt_files(cfg: DataConfig, splits: Sequence[str]) -> dict[str, Path]:
-    """``{train_split: data.train_tgt_file}`` when that is set and the train split is
-    wanted (evaluating a distilled student reads val/test only: the file need not exist)."""
-    if not cfg.train_tgt_file or cfg.train_split not in splits:
+    """``{train_split: data.train_tgt_file}`` when that is set; it must exist when the train
+    split is among ``splits`` (evaluating a distilled student reads val/test only: by then
+    the teacher's file may be gone)."""
+    if not cfg.train_tgt_file:
         return {}
     path = Path(cfg.train_tgt_file)
-    if not path.is_file():
+    if cfg.train_split in splits and not path.is_file():
         raise DataError(f"data.train_tgt_file={path}: no such file; translate the train source "
                         "into it first (README \"Distillation\")")
     return {cfg.train_split: path}

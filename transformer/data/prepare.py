@@ -51,7 +51,8 @@ def prepare_data(cfg: DataConfig, splits: Sequence[str] | None = None,
     ``lowercase`` then do not apply)."""
     names = list(dict.fromkeys(splits or [cfg.train_split, cfg.valid_split, *cfg.test_splits]))
     _check_cache_dir(cfg.cache_dir)
-    corpus = mix(open_corpus(cfg, names), cfg)
+    # The train split keys (and trains) the tokenizer, whichever splits are asked for.
+    corpus = mix(open_corpus(cfg, [cfg.train_split, *names]), cfg)
     tokenizer_key = _hash(CACHE_VERSION, tokenizers.__version__, corpus.key(cfg.train_split),
                           cfg.src_lang, cfg.tgt_lang, cfg.vocab_size, cfg.joint_vocab,
                           cfg.lowercase, *_sample_key(cfg), *_pairs_key(cfg))
