@@ -27,6 +27,7 @@ from transformer.generate import (
     progress_path,
     read_chunks,
     resume_point,
+    save_progress,
     stream_translations,
 )
 
@@ -222,3 +223,27 @@ def test_nbest_and_search_options_reach_the_generated_file(checkpoint, tmp_path)
                                  chunk_lines=500, **search))
         expected = next(p for p in (tmp_path / "files").glob(f"in.en.{search['search']}*.hyp"))
         assert (tmp_path / f"{search['search']}.de").read_text() == expected.read_text()
+
+
+def test_a_run_directory_is_fingerprinted_by_the_checkpoints_it_averages(tmp_path):
+    """With average_last, a teacher run that saved a newer checkpoint since (trained on, or
+    resumed) is another model: its output file is refused, not continued."""
+    from transformer.generate import make_fingerprint
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for step in (1, 2):
+        make_checkpoint(run / "checkpoints" / f"checkpoint_{step}.pt", seed=step)
+    src = write_source(tmp_path / "in.en", 5)
+    cfg = generate_config(run, src, tmp_path / "out.de", average_last=2)
+    before = make_fingerprint(cfg, "fp32")
+    assert [p["path"] for p in before["checkpoints"][0]] == [
+        str(run / "checkpoints" / f"checkpoint_{step}.pt") for step in (1, 2)]
+    assert make_fingerprint(cfg, "fp32") == before
+    make_checkpoint(run / "checkpoints" / "checkpoint_3.pt", seed=3)
+    after = make_fingerprint(cfg, "fp32")
+    out = tmp_path / "out.de"
+    out.write_bytes(b"line\n")
+    save_progress(progress_path(out), Committed(1, 5, before))  # one line done before
+    with pytest.raises(DataError, match=r"other settings \(checkpoints\.0\.0\."):
+        resume_point(out, after, overwrite=False)

@@ -139,12 +139,23 @@ def progress_path(out_path: Path) -> Path:
 
 def file_identity(path: str | Path) -> dict[str, Any]:
     """Path, size and modification time: a file changed in place differs in one of them.
-    A folder (a run directory, with average_last) is named by its path only."""
+    A folder is named by its path only."""
     path = Path(path).resolve()
     if not path.is_file():
         return {"path": str(path)}
     stat = path.stat()
     return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def checkpoint_identity(path: str, average_last: int) -> dict[str, Any] | list[dict[str, Any]]:
+    """The identity of what ``path`` gives the model: its file, or with ``average_last`` a
+    run directory's newest checkpoints, the files averaged (a teacher run that saved more
+    since, or was resumed, gives another model: its output must not be continued)."""
+    if average_last > 1 and Path(path).is_dir():
+        from transformer.checkpoint import last_checkpoints
+
+        return [file_identity(p) for p in last_checkpoints(Path(path), average_last)]
+    return file_identity(path)
 
 
 def make_fingerprint(cfg: EvalConfig | DictConfig, precision: str) -> dict[str, Any]:
@@ -154,7 +165,8 @@ def make_fingerprint(cfg: EvalConfig | DictConfig, precision: str) -> dict[str, 
     values = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     settings = {key: value for key, value in values.items() if key not in PLACE_KEYS}
     return {"input": file_identity(cfg.src_file),
-            "checkpoints": [file_identity(p) for p in [cfg.checkpoint, *cfg.ensemble]],
+            "checkpoints": [checkpoint_identity(p, cfg.average_last)
+                            for p in [cfg.checkpoint, *cfg.ensemble]],
             "settings": {**settings, "precision": precision}}
 
 
