@@ -21,7 +21,7 @@ from tests.conftest import make_toy_pairs
 from tests.test_evaluate import eval_config, hyp_file
 from tests.test_train import REPO, compose_config
 from transformer.checkpoint import read_checkpoint
-from transformer.config import DataConfig, ExtraCorpusConfig
+from transformer.config import ConfigError, DataConfig, ExtraCorpusConfig, validate
 from transformer.data import DataError, TokenBatchSampler, prepare_data, read_lines
 from transformer.evaluation import evaluate, read_splits
 from transformer.trainer import train
@@ -177,6 +177,12 @@ def test_a_file_that_does_not_fit_fails_in_one_line(corpus, cache, generated, tm
     with pytest.raises(DataError, match="not of data=hub"):
         prepare_data(DataConfig(source="hub", hub_name="x", train_tgt_file=str(short)),
                      log=quiet)
+
+
+def test_several_directions_are_refused_by_name():
+    with pytest.raises(ConfigError, match="data.pairs with data.train_tgt_file"):
+        validate(compose_config(["experiment=multi30k_en_de_distill",
+                                 "data.pairs=[en-de,en-fr]"]))
 
 
 def test_the_recipe_is_the_plain_recipe_on_other_targets():

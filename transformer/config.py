@@ -344,6 +344,9 @@ def check_pairs(data: Any) -> None:
     if data.pairs and data.extra_train:
         raise ConfigError("data.pairs with data.extra_train is not supported: mix corpora "
                           "into one direction, or train the directions without extra corpora")
+    if data.pairs and data.train_tgt_file:
+        raise ConfigError("data.pairs with data.train_tgt_file is not supported: a teacher's "
+                          "translations replace the targets of one direction")
 
 
 def check_parts(model: Any) -> None:
