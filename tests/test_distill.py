@@ -56,7 +56,7 @@ def teacher(corpus, cache, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def generated(corpus, teacher, tmp_path_factory) -> Path:
     """Step 1: the teacher (its last checkpoint with its middle one: an ensemble) translates
-    train.en.gz with beam search into an ignored folder, as the README's command does."""
+    train.en.gz with beam search into a folder of its own (the README: outputs/distill/)."""
     out = tmp_path_factory.mktemp("outputs") / "distill" / "train.de"
     checkpoints = teacher / "checkpoints"
     evaluate(eval_config(checkpoint=str(checkpoints / "checkpoint_last.pt"),
