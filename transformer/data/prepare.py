@@ -32,7 +32,7 @@ from transformer.data.storage import (
     dropped_text,
 )
 from transformer.data.text import DataError
-from transformer.data.words import FlatEncoder, flat_encoder
+from transformer.data.words import FlatEncoder, count_pieces, flat_encoder
 from transformer.tokenizer import Tokenizer
 
 CACHE_VERSION = 1  # bump when the cached format or the encoding changes
@@ -148,8 +148,10 @@ def _tokenizers(cfg: DataConfig, corpus: FileCorpus | HubCorpus | MixedCorpus, c
             chunks = tokenizer_sample(chunks, getattr(cfg, "tokenizer_sample",
                                                       DEFAULT_TOKENIZER_SAMPLE))
             texts = (text for chunk in chunks for i in side for text in chunk[i])
-            tokenizer = Tokenizer.train(texts, cfg.vocab_size, cfg.lowercase,
-                                        tags=corpus.tags if mixed and 0 in side else ())
+            # the same tokenizer as Tokenizer.train(texts, ...), some 3 times faster
+            tokenizer = Tokenizer.train_from_counts(
+                count_pieces(texts, cfg.lowercase), cfg.vocab_size, cfg.lowercase,
+                tags=corpus.tags if mixed and 0 in side else ())
             cache.mkdir(parents=True, exist_ok=True)  # only now: bad data leaves no folder
             _write_once(path, tokenizer.save)
             log(f"tokenizer: trained {tokenizer.vocab_size} BPE tokens on the "

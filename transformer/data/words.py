@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import json
 import unicodedata
-from collections.abc import Sequence
-from itertools import chain, repeat
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from itertools import chain, islice, repeat
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,51 @@ def flat_encoder(tokenizer: Any) -> FlatEncoder:
     if lowercase is None:
         return FlatEncoder(tokenizer)
     return WordEncoder(tokenizer, hf, lowercase)
+
+
+def normalize(text: str, lowercase: bool) -> str | None:
+    """The tokenizer's normalization of ``text`` where Python's is the same (see the module
+    docstring), else None; U+001C-U+001F are left to the caller to look for."""
+    if not text.isascii():
+        if max(text) >= _FIRST_COMBINING:
+            return None
+        text = unicodedata.normalize("NFKC", text)
+    if lowercase:
+        text = text.lower()
+    return " ".join(text.split())
+
+
+def count_pieces(texts: Iterable[str], lowercase: bool) -> Counter[str]:
+    """How often BPE training would see each byte-level piece (``"Ġdog"``) in ``texts``:
+    the counts that ``Tokenizer.train_from_counts`` learns from. Words are counted in Python
+    and split into pieces once each; texts outside ``normalize``'s reach go through the
+    tokenizer's own normalizer and pre-tokenizer, one by one."""
+    from transformer.tokenizer import _normalizer
+
+    words: Counter[str] = Counter()
+    pieces: Counter[str] = Counter()
+    normalizer, pre_tokenizer = _normalizer(lowercase), _pre_tokenizer()
+    iterator = iter(texts)
+    while chunk := list(islice(iterator, 10_000)):
+        normalized = [normalize(text, lowercase) for text in chunk]
+        raw = "\n".join(chunk)
+        if any(separator in raw for separator in _NOT_SPACES):  # rare: look closer
+            normalized = [None if any(sep in text for sep in _NOT_SPACES) else norm
+                          for text, norm in zip(chunk, normalized, strict=True)]
+        words.update(" ".join(norm for norm in normalized if norm is not None).split(" "))
+        for text, norm in zip(chunk, normalized, strict=True) if None in normalized else ():
+            if norm is None:
+                pieces.update(piece for piece, _ in
+                              pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    words.pop("", None)  # of empty texts, which have no pieces
+    for word, count in words.items():
+        for piece, _ in pre_tokenizer.pre_tokenize_str(word):
+            pieces[piece] += count
+    return pieces
+
+
+def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.ByteLevel(add_prefix_space=True)
 
 
 class FlatEncoder:
@@ -76,7 +122,7 @@ class WordEncoder(FlatEncoder):
     def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         if not texts:
             return np.zeros(0, np.int32), np.zeros(0, np.int64)
-        normalized = [self._normalize(text) for text in texts]
+        normalized = [normalize(text, self.lowercase) for text in texts]
         whole = self._whole(texts, normalized)  # the texts to encode through the tokenizer
         for i in whole:
             normalized[i] = ""  # one empty word, replaced by the text's own row below
@@ -95,16 +141,6 @@ class WordEncoder(FlatEncoder):
         ids, lengths = self.table.gather(rows, first_words)
         self._forget_beyond(registered)
         return ids, lengths
-
-    def _normalize(self, text: str) -> str | None:
-        """The tokenizer's normalization of ``text`` where Python gives the same, else None."""
-        if not text.isascii():
-            if max(text) >= _FIRST_COMBINING:
-                return None
-            text = unicodedata.normalize("NFKC", text)
-        if self.lowercase:
-            text = text.lower()
-        return " ".join(text.split())
 
     def _whole(self, texts: Sequence[str], normalized: list[str | None]) -> list[int]:
         """Indices of the texts that must be encoded through the tokenizer."""
