@@ -37,6 +37,7 @@ from transformer.data import (
     prepare_data,
     read_lines,
 )
+from transformer.data.text import iter_parallel_chunks
 from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,6 +95,24 @@ def test_bytes_that_are_not_utf8_name_file_and_line(tmp_path, gz):
     path.write_bytes(gzip.compress(data) if gz else data)
     with pytest.raises(DataError, match=rf"{path.name}:3: bytes that are not UTF-8"):
         read_lines(path)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 100])
+def test_chunked_reading_gives_the_lines_of_read_lines(tmp_path, size):
+    raw = "\ufefffirst\r\nlone\rreturn\n\nvier\r\nfünf\nlast without newline".encode()
+    (tmp_path / "a.en").write_bytes(raw)
+    (tmp_path / "a.de.gz").write_bytes(gzip.compress(raw))
+    chunks = list(iter_parallel_chunks(tmp_path / "a.en", tmp_path / "a.de.gz", size))
+    assert all(len(src) == size for src, _ in chunks[:-1])
+    for side in (0, 1):
+        assert [line for chunk in chunks for line in chunk[side]] == read_lines(tmp_path / "a.en")
+    (tmp_path / "b.de").write_bytes(b"eins\nzwei\ndrei\nvier\n\xff\n")  # line 5, chunk 3
+    (tmp_path / "b.en").write_bytes(b"1\n2\n3\n4\n5\n")
+    with pytest.raises(DataError, match=r"b\.de:5: bytes that are not UTF-8"):
+        list(iter_parallel_chunks(tmp_path / "b.en", tmp_path / "b.de", 2))
+    (tmp_path / "c.de").write_bytes(b"1\n2\n3\n")
+    with pytest.raises(DataError, match=r"b\.en has 5 lines, .*c\.de has 3"):
+        list(iter_parallel_chunks(tmp_path / "b.en", tmp_path / "c.de", 2))
 
 
 def test_a_broken_gzip_file_is_named(tmp_path):

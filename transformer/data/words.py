@@ -21,10 +21,11 @@ tokenizer, sentence by sentence, as before.
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from itertools import chain, islice, repeat
+from itertools import chain, compress, islice, repeat
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,7 @@ from tokenizers import models, pre_tokenizers
 
 WORD_CACHE_SIZE = 1 << 20  # distinct words remembered: ~100 MiB at most, whatever the corpus
 _NOT_SPACES = "\x1c\x1d\x1e\x1f"  # whitespace to Python's str.split, not to the tokenizer
-_FIRST_COMBINING = "\u0300"
+_FROM_COMBINING = re.compile("[\u0300-\U0010ffff]")  # marks, and all that follows them
 
 
 def flat_encoder(tokenizer: Any) -> FlatEncoder:
@@ -51,7 +52,7 @@ def normalize(text: str, lowercase: bool) -> str | None:
     """The tokenizer's normalization of ``text`` where Python's is the same (see the module
     docstring), else None; U+001C-U+001F are left to the caller to look for."""
     if not text.isascii():
-        if max(text) >= _FIRST_COMBINING:
+        if _FROM_COMBINING.search(text):
             return None
         text = unicodedata.normalize("NFKC", text)
     if lowercase:
@@ -154,14 +155,16 @@ class WordEncoder(FlatEncoder):
 
     def _add_missing(self, words: list[str], rows: np.ndarray) -> None:
         """Encode the words not in the cache, once each, and point ``rows`` at them."""
-        missing = np.flatnonzero(rows < 0)
-        if not len(missing):
+        missing = rows < 0
+        if not missing.any():
             return
-        new_words = list(dict.fromkeys(words[i] for i in missing.tolist()))
+        missing_words = list(compress(words, missing.tolist()))
+        new_words = list(dict.fromkeys(missing_words))
         first = self.table.append(self.hf.encode_batch_fast(new_words,
                                                             add_special_tokens=False))
-        new = {word: first + k for k, word in enumerate(new_words)}
-        rows[missing] = [new[words[i]] for i in missing.tolist()]
+        new = dict(zip(new_words, range(first, first + len(new_words)), strict=True))
+        rows[missing] = np.fromiter(map(new.__getitem__, missing_words), np.int64,
+                                    len(missing_words))
         kept = new_words[:max(0, self.cache_size - len(self.index))]
         self.index.update(zip(kept, range(first, first + len(kept)), strict=True))
 
