@@ -36,6 +36,7 @@ from transformer.data import (
     prepare,
     prepare_data,
     read_lines,
+    sampler,
 )
 from transformer.data.text import iter_parallel_chunks
 from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID
@@ -378,6 +379,30 @@ def test_hub_errors_name_the_split_or_language(hub_dir, tmp_path):
 def random_lengths(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     return rng.integers(2, 60, n), rng.integers(2, 60, n)
+
+
+def greedy_batches(order, widths, max_tokens, max_sentences):
+    """The reference: ``_fill_batches`` as a loop over pairs."""
+    max_sentences = max_sentences or len(order) or 1
+    batches, first, widest = [], 0, 0
+    for position, width in enumerate(widths[order].tolist()):
+        widest = max(widest, width)
+        size = position - first + 1
+        if size * widest > max_tokens or size > max_sentences:
+            batches.append(order[first:position].tolist())
+            first, widest = position, width
+    return batches + ([order[first:].tolist()] if first < len(order) else [])
+
+
+@settings(max_examples=60, deadline=None)
+@given(widths=st.lists(st.integers(1, 60), max_size=300), sort=st.booleans(),
+       max_tokens=st.integers(60, 500), max_sentences=st.none() | st.integers(1, 9))
+def test_batches_are_cut_as_by_a_loop_over_pairs(widths, sort, max_tokens, max_sentences):
+    widths = np.array(widths, dtype=np.int64)
+    order = np.argsort(widths, kind="stable") if sort else np.arange(len(widths))[::-1]
+    batches = sampler._fill_batches(order, widths, max_tokens, max_sentences)
+    assert [batch.tolist() for batch in batches] == greedy_batches(order, widths, max_tokens,
+                                                                   max_sentences)
 
 
 @settings(max_examples=40, deadline=None)
