@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 
 import numpy as np
 import pytest
 import tokenizers
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import models, normalizers, pre_tokenizers
 
 from transformer.data.words import (
@@ -69,6 +72,28 @@ def test_word_by_word_ids_equal_sentence_by_sentence(tokenizer, cache_size):
         assert ids.tolist() == [i for row in reference[start:start + 700] for i in row]
     assert len(encoder.index) <= cache_size
     assert encoder([])[1].shape == (0,)
+
+
+# any text: letters below U+0300 mostly (Python's path), any character now and then
+TEXT = st.lists(st.one_of(st.characters(max_codepoint=0x2ff), st.sampled_from(" \t\n\r\x1c"),
+                          st.characters(), st.sampled_from(["</s>", "<BT>", "ſ", "„"])),
+                max_size=30).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts=st.lists(TEXT, max_size=8), lowercase=st.booleans())
+def test_any_text_is_encoded_as_by_the_tokenizer(tokenizer, texts, lowercase):
+    encoder = WordEncoder(tokenizer, tokenizer._tokenizer, lowercase=False)
+    ids, lengths = encoder(texts)
+    reference = [tokenizer.encode(text) for text in texts]
+    assert lengths.tolist() == [len(row) for row in reference]
+    assert ids.tolist() == [i for row in reference for i in row]
+    pieces = count_pieces(iter(texts), lowercase)  # as BPE training would count them
+    normalizer = _normalizer(lowercase)
+    expected = Counter(piece for text in texts for piece, _ in
+                       tokenizer._tokenizer.pre_tokenizer.pre_tokenize_str(
+                           normalizer.normalize_str(text)))
+    assert pieces == expected
 
 
 def test_lowercasing_tokenizer_is_encoded_word_by_word_too():
