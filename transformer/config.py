@@ -97,6 +97,10 @@ class DataConfig:
     prefetch: int = 2  # training batches collated ahead in a background thread; 0: none
     # more training corpora, mixed into the train split with weights and tags
     extra_train: list[ExtraCorpusConfig] = field(default_factory=list)
+    # Multilingual: one model for several directions, e.g. [en-de, en-fr, en-cs]; each
+    # source starts with its target language's tag (<2de>, Johnson et al. 2017), and
+    # src_lang/tgt_lang are not used. []: the one direction src_lang -> tgt_lang.
+    pairs: list[str] = field(default_factory=list)
     cache_dir: str = ".cache/data"
     download: bool = True  # download Multi30k when root is missing and the machine is online
 
@@ -227,6 +231,9 @@ class EvalConfig:
     batch_tokens: int = 8192
     device: str = "auto"
     precision: str = "auto"  # autocast while translating; auto: bf16 on a GPU, fp32 on the CPU
+    # A multilingual model (data.pairs): the target language; its tag (<2de>) is put before
+    # each source. mode=splits without it scores every direction the model was trained on.
+    tgt_lang: str | None = None
     data_root: str | None = None  # overrides the checkpoint's data.root
     output_dir: str | None = None  # None: translations/ in the checkpoint's run directory
     scores_file: str | None = None  # also write the scores of every split here, as JSON
@@ -312,7 +319,27 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"data.max_len={cfg.data.max_len} (+2 for <s> and </s>) exceeds "
                           f"model.max_len={cfg.model.max_len}")
     check_file_pattern(cfg.data.file_pattern)
+    check_pairs(cfg.data)
     check_parts(cfg.model)
+
+
+PAIR = re.compile(r"([A-Za-z][\w]*)-([A-Za-z][\w]*)")
+
+
+def check_pairs(data: Any) -> None:
+    """data.pairs: distinct ``src-tgt`` directions, with a corpus that has one file per
+    language (multi30k, parallel_files) and nothing else mixed in."""
+    for index, pair in enumerate(data.pairs):
+        if not PAIR.fullmatch(str(pair)):
+            raise ConfigError(f"data.pairs[{index}]={pair!r} is not a direction like 'en-de'")
+    if len(set(data.pairs)) != len(data.pairs):
+        raise ConfigError(f"data.pairs={list(data.pairs)} names a direction twice")
+    if data.pairs and data.source == "hub":
+        raise ConfigError("data.pairs needs data=multi30k or data=parallel_files (a file per "
+                          "split and language); for a hub dataset, train one direction")
+    if data.pairs and data.extra_train:
+        raise ConfigError("data.pairs with data.extra_train is not supported: mix corpora "
+                          "into one direction, or train the directions without extra corpora")
 
 
 def check_parts(model: Any) -> None:

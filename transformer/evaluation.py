@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any, TextIO
 
@@ -23,6 +24,13 @@ from transformer.checkpoint import (
 )
 from transformer.config import DataConfig, EvalConfig
 from transformer.data import DataError, open_corpus, read_lines, read_parallel_lines
+from transformer.data.multilingual import (
+    directions_name,
+    language_tag,
+    parse_pairs,
+    tag_sources,
+    target_tag,
+)
 from transformer.decoding import Hypothesis
 from transformer.ensemble import Ensemble
 from transformer.model import Transformer
@@ -67,10 +75,14 @@ def evaluate(cfg: EvalConfig | DictConfig, stdin: IO = sys.stdin,
     check_search_options(cfg)
     model, tokenizer, train_cfg = load_models([cfg.checkpoint, *cfg.ensemble],
                                               cfg.average_last, device, cfg.trust_modules)
+    # A multilingual model: the tag of tgt_lang before each source (splits: each its own)
+    tag = target_tag(train_cfg.data, cfg.tgt_lang, every_direction=cfg.mode == "splits")
 
     def run(sentences: list[str], first_line: int = 1,
             prefixes: str | list[str] | None = cfg.prefix) -> list[list[Hypothesis]]:
         """The n-best lists of ``sentences`` (one hypothesis each but with nbest > 1)."""
+        if tag is not None:
+            sentences = tag_sources(sentences, tag)
         return translate_nbest(model, tokenizer, sentences, lenpen=cfg.lenpen,
                                max_tokens=cfg.batch_tokens, max_len_a=cfg.max_len_a,
                                max_len_b=cfg.max_len_b, min_len=cfg.min_len,
@@ -91,7 +103,7 @@ def evaluate(cfg: EvalConfig | DictConfig, stdin: IO = sys.stdin,
         named = {file_name: read_file_pair(cfg.src_file, cfg.ref_file)}
         prefixes[file_name] = read_prefixes(cfg, len(named[file_name][0]))
     elif cfg.mode == "splits":
-        named = read_splits(data_config(train_cfg, cfg), list(cfg.splits))
+        named = read_splits(data_config(train_cfg, cfg), list(cfg.splits), cfg.tgt_lang)
     else:
         raise DataError(f"mode={cfg.mode!r} is not one of ['splits', 'files', 'interactive', "
                         "'generate']")
@@ -135,11 +147,11 @@ def load_models(checkpoints: list[str], average_last: int, device: torch.device,
             tokenizer, train_cfg, stored_tokenizer, first = (
                 member_tokenizer, member_cfg, state["tokenizer"], name)
         else:  # checked as each is read: a mismatch stops before the rest are loaded
-            direction = (train_cfg.data.src_lang, train_cfg.data.tgt_lang)
-            other = (member_cfg.data.src_lang, member_cfg.data.tgt_lang)
+            direction = directions_name(train_cfg.data, arrow=True)
+            other = directions_name(member_cfg.data, arrow=True)
             if other != direction:
-                raise CheckpointError(f"ensemble: {name} translates {other[0]} -> {other[1]}, "
-                                      f"{first} {direction[0]} -> {direction[1]}")
+                raise CheckpointError(f"ensemble: {name} translates {other}, {first} "
+                                      f"{direction}")
             if state["tokenizer"] != stored_tokenizer:
                 raise CheckpointError(f"ensemble: {name} has another tokenizer than {first}; "
                                       "the members must share one")
@@ -234,7 +246,30 @@ def data_config(train_cfg: DictConfig, cfg: EvalConfig | DictConfig) -> DataConf
     return data
 
 
-def read_splits(data: DataConfig, splits: list[str]) -> dict[str, tuple[list[str], list[str]]]:
+def read_splits(data: DataConfig, splits: list[str], tgt_lang: str | None = None
+                ) -> dict[str, tuple[list[str], list[str]]]:
+    """``{split}.{src}-{tgt}`` -> (sources, references) of each split. A multilingual
+    config: each direction (only ``tgt_lang``'s if given) that has the split, its sources
+    tagged; a split no direction has is an error."""
+    if not data.pairs:
+        return _read_direction_splits(data, splits)
+    named = {}
+    for src, tgt in parse_pairs(data.pairs):
+        if tgt_lang not in (None, tgt):
+            continue
+        direction = replace(data, src_lang=src, tgt_lang=tgt, pairs=[])
+        present = [split for split in splits if split in open_corpus(direction, []).splits]
+        for split in sorted(set(splits) - set(present)):
+            log.info("%s: no %s-%s files, skipped", split, src, tgt)
+        for name, (sources, references) in _read_direction_splits(direction, present).items():
+            named[name] = (tag_sources(sources, language_tag(tgt)), references)
+    if not named:
+        raise DataError(f"none of the splits {splits} found for the directions {data.pairs}")
+    return named
+
+
+def _read_direction_splits(data: DataConfig, splits: list[str]
+                           ) -> dict[str, tuple[list[str], list[str]]]:
     corpus = open_corpus(data, splits)
     named = {}
     for split in splits:

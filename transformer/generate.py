@@ -75,6 +75,7 @@ class Committed:
 def generate(cfg: EvalConfig | DictConfig) -> int:
     """Translate ``cfg.src_file`` into ``cfg.output_file`` (see the module docstring);
     -> the number of lines translated in all."""
+    from transformer.data.multilingual import tag_sources, target_tag
     from transformer.evaluation import load_models
     from transformer.precision import Precision, resolve_device
     from transformer.search_options import (
@@ -91,13 +92,16 @@ def generate(cfg: EvalConfig | DictConfig) -> int:
     precision = Precision.resolve(cfg.precision, device, training=False).name
     fingerprint = make_fingerprint(cfg, precision)
     committed = resume_point(out_path, fingerprint, cfg.overwrite)  # before the slow load
-    model, tokenizer, _ = load_models([cfg.checkpoint, *cfg.ensemble], cfg.average_last,
-                                      device, cfg.trust_modules)
+    model, tokenizer, train_cfg = load_models([cfg.checkpoint, *cfg.ensemble],
+                                              cfg.average_last, device, cfg.trust_modules)
+    tag = target_tag(train_cfg.data, cfg.tgt_lang)  # a multilingual model's <2de>
 
     def translate_chunk(lines: list[str], first_line: int, on_batch: Callable[[int], None]
                         ) -> str:
         """The chunk's output: a line a source line, or with ``nbest`` / ``token_scores``
         the JSON lines of its hypotheses (``id``: the 0-based source line)."""
+        if tag is not None:
+            lines = tag_sources(lines, tag)
         hypotheses = translate_nbest(model, tokenizer, lines, lenpen=cfg.lenpen,
                                      max_tokens=cfg.batch_tokens, max_len_a=cfg.max_len_a,
                                      max_len_b=cfg.max_len_b, min_len=cfg.min_len,

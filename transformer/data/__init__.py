@@ -26,6 +26,8 @@ name):
 - ``corpora``: ``FileCorpus``, ``HubCorpus``, ``open_corpus``, the Multi30k download;
 - ``storage``: ``Ragged`` (flat, memory-mapped rows), ``SplitStats``, ``EncodedSplit``,
   ``TranslationData``;
+- ``mixing``: several training corpora with weights and tags (``data.extra_train``);
+- ``multilingual``: several directions with target-language tags (``data.pairs``);
 - ``prepare``: ``prepare_data``, ``tokenizer_hash``, the cache and the split encoder;
 - ``sampler``: ``TokenBatchSampler``;
 - ``batches``: ``Batch``, ``collate``, ``iterate_batches``.

@@ -132,21 +132,30 @@ class HubCorpus:
 
 
 def open_corpus(cfg: DataConfig, splits: Sequence[str]) -> FileCorpus | HubCorpus:
-    """The corpus ``cfg.source`` names; file corpora are checked for ``splits`` here."""
+    """The corpus ``cfg.source`` names; file corpora are checked for ``splits`` here.
+    With ``cfg.pairs``, a ``MultilingualCorpus`` of those directions."""
+    if cfg.pairs:
+        from transformer.data.multilingual import open_multilingual
+
+        return open_multilingual(cfg, splits, _files_root)
     if cfg.source == "hub":
         return HubCorpus(cfg)
+    pattern = MULTI30K_PATTERN if cfg.source == "multi30k" else cfg.file_pattern
+    corpus = FileCorpus(_files_root(cfg, splits), pattern, cfg.src_lang, cfg.tgt_lang)
+    corpus.check(splits)
+    return corpus
+
+
+def _files_root(cfg: DataConfig, splits: Sequence[str]) -> Path:
+    """The folder of a file corpus's files (Multi30k's downloaded if need be)."""
     if cfg.source == "multi30k":
-        corpus = FileCorpus(_multi30k_root(cfg, splits), MULTI30K_PATTERN, cfg.src_lang,
-                            cfg.tgt_lang)
-    elif cfg.source == "parallel_files":
+        return _multi30k_root(cfg, splits)
+    if cfg.source == "parallel_files":
         if not cfg.root or not Path(cfg.root).is_dir():
             raise DataError(f"data.root={cfg.root} is not a directory: point it at the folder "
                             f"of the {cfg.file_pattern}[.gz] files")
-        corpus = FileCorpus(Path(cfg.root), cfg.file_pattern, cfg.src_lang, cfg.tgt_lang)
-    else:
-        raise DataError(f"data.source={cfg.source!r} is not one of {list(SOURCES)}")
-    corpus.check(splits)
-    return corpus
+        return Path(cfg.root)
+    raise DataError(f"data.source={cfg.source!r} is not one of {list(SOURCES)}")
 
 
 def _multi30k_root(cfg: DataConfig, splits: Sequence[str]) -> Path:

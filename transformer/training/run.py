@@ -17,6 +17,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformer.checkpoint import read_tokenizers
 from transformer.config import ConfigError, DataConfig
 from transformer.data import TranslationData, prepare_data
+from transformer.data.multilingual import tag_ids
 from transformer.distributed import Distributed, init_distributed, main_first, wrap_for_training
 from transformer.logging import NullLogger, build_logger, check_trackers
 from transformer.model import Transformer, build_model, count_parameters
@@ -97,6 +98,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     with main_first(ddp):  # rank 0 tokenises and caches; the others then read the cache
         data = prepare_data(data_cfg, splits=[data_cfg.train_split, data_cfg.valid_split],
                             log=log.info, given_tokenizers=given_tokenizers)
+    if data_cfg.pairs:  # a tokenizer from a file must have each language's tag
+        tag_ids(data_cfg.pairs, data.src_tokenizer)
     fingerprint = data_fingerprint(data_cfg, cfg.trainer, data, ddp.world_size)
     changes = [] if resume_state is None else data_order_changes(
         resume_state, fingerprint, cfg.trainer.reset_dataloader)

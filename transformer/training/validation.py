@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import sacrebleu
@@ -12,6 +13,7 @@ import torch
 from sacrebleu.metrics import BLEU
 
 from transformer.data import EncodedSplit, TokenBatchSampler, collate
+from transformer.data.multilingual import direction_indices, tag_ids
 from transformer.decoding import evaluating
 from transformer.distributed import sum_over_ranks
 from transformer.fsdp import full_parameters
@@ -68,19 +70,33 @@ def validation_metrics(run: Run, split: EncodedSplit) -> dict[str, float]:
     nll_per_token = sums[1] / sums[2]
     metrics = {"val/loss": sums[0] / sums[2], "val/nll_loss": nll_per_token,
                "val/ppl": math.exp(min(nll_per_token, 50.0))}
-    metrics["val/bleu"] = validation_bleu(run, split)
+    metrics.update(validation_bleu(run, split))
     run.logger.scalars(metrics, run.state.step)
     if cfg.logger.attention_maps and ddp.is_main:
         log_attention_maps(run, split)
     return metrics
 
 
-def validation_bleu(run: Run, split: EncodedSplit) -> float:
-    """Corpus BLEU of the first val_max_sentences, lowercased when the tokenizer lowercases
-    (``data.lowercase``); under DDP each rank translates every world_size-th sentence and
-    the n-gram statistics are summed over ranks."""
-    n = min(run.cfg.trainer.val_max_sentences or len(split.src_ids), len(split.src_ids))
-    mine = range(run.ddp.rank, n, run.ddp.world_size)
+def validation_bleu(run: Run, split: EncodedSplit) -> dict[str, float]:
+    """val/bleu: corpus BLEU of the first val_max_sentences. A multilingual run
+    (``data.pairs``) scores each direction's first val_max_sentences apart, as
+    val/bleu/en-fr, ..., and val/bleu is their mean."""
+    n = run.cfg.trainer.val_max_sentences or len(split.src_ids)
+    if not run.cfg.data.pairs:
+        return {"val/bleu": direction_bleu(run, split, range(min(n, len(split.src_ids))))}
+    tags = tag_ids(run.cfg.data.pairs, run.data.src_tokenizer)
+    groups = direction_indices([ids[0] if len(ids) else -1 for ids in split.src_ids], tags)
+    scores = {f"val/bleu/{name}": direction_bleu(run, split, indices[:n], f"{name}_")
+              for name, indices in groups.items() if indices}
+    return {"val/bleu": sum(scores.values()) / max(len(scores), 1), **scores}
+
+
+def direction_bleu(run: Run, split: EncodedSplit, indices: Sequence[int],
+                   example_prefix: str = "") -> float:
+    """Corpus BLEU of the pairs ``indices`` of ``split``, lowercased when the tokenizer
+    lowercases (``data.lowercase``); under DDP each rank translates every world_size-th
+    sentence and the n-gram statistics are summed over ranks."""
+    mine = indices[run.ddp.rank::run.ddp.world_size]
     src_ids = [split.src_ids[i] + [EOS_ID] for i in mine]
     hypotheses = []
     if src_ids:  # a rank can be left without sentences when there are fewer than ranks
@@ -90,7 +106,8 @@ def validation_bleu(run: Run, split: EncodedSplit) -> float:
         hypotheses = run.data.tgt_tokenizer.decode_batch(hypotheses)
     references = [split.tgt_text[i] for i in mine]
     for example, i in enumerate(mine[:run.cfg.logger.n_examples]):
-        run.logger.text(f"val/example_{example}", f"**source:** {split.src_text[i]}  \n"
+        run.logger.text(f"val/{example_prefix}example_{example}",
+                        f"**source:** {split.src_text[i]}  \n"
                         f"**reference:** {references[example]}  \n"
                         f"**hypothesis:** {hypotheses[example]}", run.state.step)
     stats = bleu_statistics(hypotheses, references, lowercase=run.cfg.data.lowercase)
