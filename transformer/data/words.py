@@ -115,7 +115,15 @@ class WordEncoder(FlatEncoder):
         self.hf, self.lowercase, self.cache_size = hf, lowercase, cache_size
         # Texts holding one of these are encoded whole: the tokenizer finds added tokens
         # (<s>, </s>, tags) in the raw text and again after normalization.
-        self.needles = [token.content for token in hf.get_added_tokens_decoder().values()]
+        added = hf.get_added_tokens_decoder().values()
+        self.needles = [token.content for token in added]
+        # ... except one at the very start (a language or mix tag, <2de> <BT>): the
+        # tokenizer splits it off first and encodes the rest as a text of its own, so it is
+        # one more word. Longest first: the tokenizer takes the longest match.
+        self.leading = tuple(sorted(
+            (token.content for token in added if token.content.strip() == token.content != ""
+             and not (token.normalized or token.lstrip or token.rstrip or token.single_word)
+             and len(token.content.split()) == 1), key=len, reverse=True))
         self.index: dict[str, int] = {"": 0}  # word -> its row in the table
         self.table = _Table()
         self.table.append([[]])  # row 0: the empty word of an empty text
@@ -123,8 +131,14 @@ class WordEncoder(FlatEncoder):
     def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         if not texts:
             return np.zeros(0, np.int32), np.zeros(0, np.int64)
-        normalized = [normalize(text, self.lowercase) for text in texts]
-        whole = self._whole(texts, normalized)  # the texts to encode through the tokenizer
+        tags, rests = self._leading_tags(texts)
+        normalized = [normalize(text, self.lowercase) for text in rests]
+        whole = self._whole(rests, normalized)  # the texts to encode through the tokenizer
+        if tags:
+            skip = set(whole)
+            for i, tag in enumerate(tags):
+                if tag and i not in skip:
+                    normalized[i] = " ".join(filter(None, (tag, normalized[i])))
         for i in whole:
             normalized[i] = ""  # one empty word, replaced by the text's own row below
         # (W,) every word of the chunk, the first word of each text at first_words
@@ -142,6 +156,15 @@ class WordEncoder(FlatEncoder):
         ids, lengths = self.table.gather(rows, first_words)
         self._forget_beyond(registered)
         return ids, lengths
+
+    def _leading_tags(self, texts: Sequence[str]) -> tuple[list[str] | None, Sequence[str]]:
+        """The added token each text starts with ("" if none), and the texts without it;
+        None and ``texts`` when no text starts with one."""
+        if not self.leading or not any(text.startswith(self.leading) for text in texts):
+            return None, texts
+        tags = [next((tag for tag in self.leading if text.startswith(tag)), "")
+                if text.startswith(self.leading) else "" for text in texts]
+        return tags, [text[len(tag):] for text, tag in zip(texts, tags, strict=True)]
 
     def _whole(self, texts: Sequence[str], normalized: list[str | None]) -> list[int]:
         """Indices of the texts that must be encoded through the tokenizer."""
