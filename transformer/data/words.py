@@ -15,7 +15,8 @@ U+0300 (ASCII, Latin-1, Latin Extended, IPA: no combining marks, and NFKC mappin
 have not changed since Unicode 3), without the four separators U+001C-U+001F that Python
 takes for whitespace and the tokenizer does not. Anything else (typographic quotes, other
 scripts, a special token such as ``</s>`` in the text or made by NFKC) goes through the
-tokenizer, sentence by sentence, as before.
+tokenizer, sentence by sentence, as before; a special token at the very start (a language
+tag, ``<2de>``) is split off first, by the tokenizer too, so it is one more word.
 """
 
 from __future__ import annotations
