@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import compress
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,7 @@ def tokenizer_sample(chunks: Iterable[tuple[list[str], list[str]]], size: int | 
                 if slot < size:
                     reservoir[slot] = (seen, src, tgt)
             seen += 1
-    reservoir.sort()
+    reservoir.sort(key=itemgetter(0))  # by position only: comparing tuples took 8 s at 1M
     for start in range(0, len(reservoir), 10_000):
         part = reservoir[start:start + 10_000]
         yield [src for _, src, _ in part], [tgt for _, _, tgt in part]

@@ -70,12 +70,13 @@ def _decoded_chunks(file: IO[bytes], path: Path, size: int) -> Iterator[list[str
     try:
         while raw := list(islice(file, size)):  # binary files split at b"\n" only
             try:
-                lines = b"".join(raw).decode("utf-8").split("\n")[:len(raw)]
+                text = b"".join(raw).decode("utf-8")
             except UnicodeDecodeError:
-                lines = list(_decoded_lines(raw, path, number))  # names the line
+                text = "\n".join(_decoded_lines(raw, path, number))  # names the line
+            lines = text.split("\n")[:len(raw)]
             if number == 0:
                 lines[0] = lines[0].removeprefix("\ufeff")
-            if any(line.endswith("\r") for line in lines):
+            if "\r" in text:  # one search of the chunk; most files have no \r at all
                 lines = [line.removesuffix("\r") for line in lines]
             number += len(raw)
             yield lines
