@@ -36,7 +36,9 @@ from transformer.data import (
     prepare,
     prepare_data,
     read_lines,
+    sampler,
 )
+from transformer.data.text import iter_parallel_chunks
 from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,6 +96,24 @@ def test_bytes_that_are_not_utf8_name_file_and_line(tmp_path, gz):
     path.write_bytes(gzip.compress(data) if gz else data)
     with pytest.raises(DataError, match=rf"{path.name}:3: bytes that are not UTF-8"):
         read_lines(path)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 100])
+def test_chunked_reading_gives_the_lines_of_read_lines(tmp_path, size):
+    raw = "\ufefffirst\r\nlone\rreturn\n\nvier\r\nfünf\nlast without newline".encode()
+    (tmp_path / "a.en").write_bytes(raw)
+    (tmp_path / "a.de.gz").write_bytes(gzip.compress(raw))
+    chunks = list(iter_parallel_chunks(tmp_path / "a.en", tmp_path / "a.de.gz", size))
+    assert all(len(src) == size for src, _ in chunks[:-1])
+    for side in (0, 1):
+        assert [line for chunk in chunks for line in chunk[side]] == read_lines(tmp_path / "a.en")
+    (tmp_path / "b.de").write_bytes(b"eins\nzwei\ndrei\nvier\n\xff\n")  # line 5, chunk 3
+    (tmp_path / "b.en").write_bytes(b"1\n2\n3\n4\n5\n")
+    with pytest.raises(DataError, match=r"b\.de:5: bytes that are not UTF-8"):
+        list(iter_parallel_chunks(tmp_path / "b.en", tmp_path / "b.de", 2))
+    (tmp_path / "c.de").write_bytes(b"1\n2\n3\n")
+    with pytest.raises(DataError, match=r"b\.en has 5 lines, .*c\.de has 3"):
+        list(iter_parallel_chunks(tmp_path / "b.en", tmp_path / "c.de", 2))
 
 
 def test_a_broken_gzip_file_is_named(tmp_path):
@@ -359,6 +379,39 @@ def test_hub_errors_name_the_split_or_language(hub_dir, tmp_path):
 def random_lengths(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     return rng.integers(2, 60, n), rng.integers(2, 60, n)
+
+
+def greedy_batches(order, widths, max_tokens, max_sentences):
+    """The reference: ``_fill_batches`` as a loop over pairs."""
+    max_sentences = max_sentences or len(order) or 1
+    batches, first, widest = [], 0, 0
+    for position, width in enumerate(widths[order].tolist()):
+        widest = max(widest, width)
+        size = position - first + 1
+        if size * widest > max_tokens or size > max_sentences:
+            batches.append(order[first:position].tolist())
+            first, widest = position, width
+    return batches + ([order[first:].tolist()] if first < len(order) else [])
+
+
+@settings(max_examples=60, deadline=None)
+@given(widths=st.lists(st.integers(1, 60), max_size=300), sort=st.booleans(),
+       max_tokens=st.integers(60, 500), max_sentences=st.none() | st.integers(1, 9))
+def test_batches_are_cut_as_by_a_loop_over_pairs(widths, sort, max_tokens, max_sentences):
+    widths = np.array(widths, dtype=np.int64)
+    order = np.argsort(widths, kind="stable") if sort else np.arange(len(widths))[::-1]
+    batches = sampler._fill_batches(order, widths, max_tokens, max_sentences)
+    assert [batch.tolist() for batch in batches] == greedy_batches(order, widths, max_tokens,
+                                                                   max_sentences)
+
+
+@settings(max_examples=40, deadline=None)
+@given(keys=st.lists(st.tuples(st.integers(0, 9), st.integers(0, 9), st.integers(0, 9)),
+                     max_size=200), big=st.booleans())
+def test_packed_sort_is_lexsort(keys, big):
+    columns = [np.array([key[k] for key in keys], dtype=np.int64) << (30 if big else 0)
+               for k in range(3)]  # big: too wide to pack, lexsort itself
+    assert sampler._stable_sort_by(*columns).tolist() == np.lexsort(columns[::-1]).tolist()
 
 
 @settings(max_examples=40, deadline=None)

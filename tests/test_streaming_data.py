@@ -26,6 +26,10 @@ REPO = Path(__file__).resolve().parent.parent
 CHUNK = 5_000  # small chunks: the memory a chunk takes is well below what is measured
 SMALL, LARGE = 50_000, 100_000
 EMPTY_EVERY = 997  # line i with i % EMPTY_EVERY == 5 has an empty target: dropped, counted
+TRICKY_EVERY = 101  # line i with i % TRICKY_EVERY == 7 has a source that is not plain ASCII
+TRICKY = ["Ein Mann läuft über's Feld", "„German“ quotes – and a dash", "a </s> b<s>c",
+          "ﬁsh ＡＢＣ\u00a0nbsp", "file\x1cseparator", "e\u0301 ½ µ Ǆ", "日本語 😀",
+          "tab\tand  runs"]
 
 PREPARE = f"""
 import sys
@@ -51,6 +55,8 @@ def write_corpus(folder: Path, pairs: int) -> None:
     src, tgt = [], []
     for i in range(pairs):
         src.append(" ".join(rng.choices(words, k=3)))
+        if i % TRICKY_EVERY == 7:
+            src[-1] += " " + TRICKY[i % len(TRICKY)]
         tgt.append("" if i % EMPTY_EVERY == 5 else " ".join(rng.choices(words, k=3)))
     folder.mkdir(parents=True)
     with gzip.open(folder / "train.en.gz", "wt", encoding="utf-8", compresslevel=1) as file:
@@ -113,14 +119,18 @@ def test_streamed_ids_equal_a_line_by_line_encoding(corpora):
     assert (train.stats.read, train.stats.kept) == (LARGE, LARGE - empties)
     assert train.stats.dropped == {"empty": empties, "too_long": 0}
     with gzip.open(roots[LARGE] / "train.en.gz", "rt", encoding="utf-8") as file:
-        src = file.read().splitlines()
-    tgt = (roots[LARGE] / "train.de").read_text(encoding="utf-8").splitlines()
+        src = file.read().split("\n")[:-1]  # not splitlines: it also splits at \x1c
+    tgt = (roots[LARGE] / "train.de").read_text(encoding="utf-8").split("\n")[:-1]
     kept = [i for i in range(LARGE) if i % EMPTY_EVERY != 5]
     reference = Tokenizer.from_file(data.cache_dir / "tokenizer.json")
     for row in random.Random(0).sample(range(len(kept)), 300) + [0, len(kept) - 1]:
         assert train.src_ids[row] == reference.encode(src[kept[row]])
         assert train.tgt_ids[row] == reference.encode(tgt[kept[row]])
         assert train.src_text[row] == src[kept[row]]
+    # every row of the first 20,000, the tricky sources among them, sentence by sentence
+    first = kept[:20_000]
+    assert train.src_ids[:len(first)] == reference.encode_batch([src[i] for i in first])
+    assert train.tgt_ids[:len(first)] == reference.encode_batch([tgt[i] for i in first])
 
 
 def test_a_killed_preparation_leaves_nothing_trusted(corpora):

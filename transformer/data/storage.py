@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -68,13 +67,15 @@ class _RaggedWriter:
         self._ends = open(path.with_suffix(".ends"), "wb")  # noqa: SIM115 -- closed in close()
         self._rows, self._end = 0, 0
 
-    def add(self, rows: Sequence[str] | Sequence[list[int]]) -> None:
+    def add(self, rows: Sequence[str] | tuple[np.ndarray, np.ndarray]) -> None:
+        """Append text rows (a list of str), or id rows given flat: ``(ids, lengths)``."""
         if self.text:
-            encoded = [row.encode("utf-8") for row in rows]
-            lengths, flat = [len(row) for row in encoded], b"".join(encoded)
+            encoded = list(map(str.encode, rows))
+            lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
+            flat = b"".join(encoded)
         else:
-            lengths = [len(row) for row in rows]
-            flat = np.fromiter(chain.from_iterable(rows), np.int32, sum(lengths)).tobytes()
+            ids, lengths = rows
+            flat = np.ascontiguousarray(ids, "<i4").tobytes()
         self._file.write(flat)
         ends = self._end + np.cumsum(np.asarray(lengths, np.int64), dtype=np.int64)
         self._ends.write(ends.astype("<i8").tobytes())

@@ -40,12 +40,13 @@ def iter_parallel_chunks(src_path: str | Path, tgt_path: str | Path, size: int
     paths = Path(src_path), Path(tgt_path)
     with ExitStack() as stack:
         files = [stack.enter_context(_open(path)) for path in paths]
-        readers = [_decoded_lines(file, path) for file, path in zip(files, paths, strict=True)]
+        readers = [_decoded_chunks(file, path, size)
+                   for file, path in zip(files, paths, strict=True)]
         read = 0
         while True:
-            chunks = [list(islice(reader, size)) for reader in readers]
+            chunks = [next(reader, []) for reader in readers]
             if len(chunks[0]) != len(chunks[1]):
-                counts = [read + len(chunk) + sum(1 for _ in reader)
+                counts = [read + len(chunk) + sum(map(len, reader))
                           for chunk, reader in zip(chunks, readers, strict=True)]
                 raise DataError(f"line counts differ: {src_path} has {counts[0]} lines, "
                                 f"{tgt_path} has {counts[1]}")
@@ -62,25 +63,40 @@ def _open(path: Path) -> IO[bytes]:
         raise DataError(f"{path}: cannot read it ({error.strerror or error})") from None
 
 
-def _decoded_lines(file: IO[bytes], path: Path) -> Iterator[str]:
-    """The lines of an open binary file, as ``read_lines`` gives them, one at a time."""
-    number = 0
+def _decoded_chunks(file: IO[bytes], path: Path, size: int) -> Iterator[list[str]]:
+    """The lines of an open binary file, as ``read_lines`` gives them, ``size`` at a time
+    (the last chunk shorter; none after it). Each chunk is decoded in one piece."""
+    number = 0  # lines before this chunk
     try:
-        for number, raw in enumerate(file, 1):  # binary files split at b"\n" only
+        while raw := list(islice(file, size)):  # binary files split at b"\n" only
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise DataError(f"{path}:{number}: bytes that are not UTF-8 "
-                                f"({raw[error.start:error.start + 4]!r})") from None
-            if number == 1:
-                line = line.removeprefix("\ufeff")
-            yield line.removesuffix("\n").removesuffix("\r")
+                text = b"".join(raw).decode("utf-8")
+            except UnicodeDecodeError:
+                text = "\n".join(_decoded_lines(raw, path, number))  # names the line
+            lines = text.split("\n")[:len(raw)]
+            if number == 0:
+                lines[0] = lines[0].removeprefix("\ufeff")
+            if "\r" in text:  # one search of the chunk; most files have no \r at all
+                lines = [line.removesuffix("\r") for line in lines]
+            number += len(raw)
+            yield lines
     except (EOFError, zlib.error, gzip.BadGzipFile) as error:
         raise DataError(f"{path}: not a readable gzip file ({error})") from None
     except OSError as error:
         if path.suffix == ".gz":
             raise DataError(f"{path}: not a readable gzip file ({error})") from None
         raise DataError(f"{path}: cannot read it ({error.strerror or error})") from None
+
+
+def _decoded_lines(raw: list[bytes], path: Path, before: int) -> Iterator[str]:
+    """The lines ``raw`` (after ``before`` others) decoded one by one, to say which line
+    holds bytes that are not UTF-8."""
+    for number, line in enumerate(raw, before + 1):
+        try:
+            yield line.decode("utf-8").removesuffix("\n")
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path}:{number}: bytes that are not UTF-8 "
+                            f"({line[error.start:error.start + 4]!r})") from None
 
 
 def read_lines(path: str | Path) -> list[str]:
