@@ -78,3 +78,16 @@ def test_activation_memory_measures_both_settings_in_fresh_processes(tmp_path):
     assert [run["setting"] for run in runs] == ["off", "on"]
     assert all(run["peak"] > run["before"] > 0 and run["times"][0] > 0 for run in runs)
     assert "checkpointing: peak" in result.stdout.splitlines()[-1]
+
+
+def test_benchmark_prefetch_reads_the_time_per_step_from_the_log():
+    import benchmark_prefetch
+
+    log = ("[2026-12-03 10:00:00,000][transformer][INFO] - tokenizer: loaded\n"
+           "[2026-12-03 10:00:05,000][transformer][INFO] - step 10 | loss 7.1 | lr 1e-4\n"
+           "[2026-12-03 10:00:17,500][transformer][INFO] - step 20 | loss 6.0 | lr 2e-4\n"
+           "[2026-12-03 10:00:35,000][transformer][INFO] - step 30 | loss 5.5 | lr 3e-4\n"
+           "[2026-12-03 10:00:36,000][transformer][INFO] - step 30 | val/loss 5.0\n")
+    assert benchmark_prefetch.seconds_per_step(log) == pytest.approx(30.0 / 20)
+    with pytest.raises(SystemExit, match="fewer than two logged steps"):
+        benchmark_prefetch.seconds_per_step(log.splitlines()[1])
