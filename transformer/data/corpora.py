@@ -146,17 +146,22 @@ def open_corpus(cfg: DataConfig, splits: Sequence[str]) -> FileCorpus | HubCorpu
     if cfg.pairs:
         from transformer.data.multilingual import open_multilingual
 
-        return open_multilingual(cfg, splits, _files_root)
+        return open_multilingual(cfg, splits, _file_corpus)
     if cfg.source == "hub":
         if cfg.train_tgt_file:
             raise DataError("data.train_tgt_file replaces the target side of a file corpus "
                             "(data=multi30k or data=parallel_files), not of data=hub")
         return HubCorpus(cfg)
-    pattern = MULTI30K_PATTERN if cfg.source == "multi30k" else cfg.file_pattern
-    corpus = FileCorpus(_files_root(cfg, splits), pattern, cfg.src_lang, cfg.tgt_lang,
-                        _tgt_files(cfg, splits))
+    corpus = _file_corpus(cfg, splits)
     corpus.check(splits)
     return corpus
+
+
+def _file_corpus(cfg: DataConfig, splits: Sequence[str]) -> FileCorpus:
+    """The files of ``cfg``'s direction (Multi30k's or ``data.file_pattern``), not checked."""
+    pattern = MULTI30K_PATTERN if cfg.source == "multi30k" else cfg.file_pattern
+    return FileCorpus(_files_root(cfg, splits), pattern, cfg.src_lang, cfg.tgt_lang,
+                      _tgt_files(cfg, splits))
 
 
 def _files_root(cfg: DataConfig, splits: Sequence[str]) -> Path:

@@ -93,14 +93,13 @@ class MultilingualCorpus:
         return self.corpora[pair].where(split, index - start)
 
 
-def open_multilingual(cfg: DataConfig, splits: Sequence[str], root_of) -> MultilingualCorpus:
-    """The ``MultilingualCorpus`` of ``cfg.pairs``; ``root_of(pair_cfg, splits)`` finds (or
-    downloads) the folder of one direction's files."""
-    corpora = {}
-    for src, tgt in parse_pairs(cfg.pairs):
-        pair_cfg = replace(cfg, src_lang=src, tgt_lang=tgt, pairs=[])
-        pattern = cfg.file_pattern if cfg.source == "parallel_files" else "{split}.{lang}"
-        corpora[src, tgt] = FileCorpus(root_of(pair_cfg, splits), pattern, src, tgt)
+def open_multilingual(cfg: DataConfig, splits: Sequence[str], file_corpus
+                      ) -> MultilingualCorpus:
+    """The ``MultilingualCorpus`` of ``cfg.pairs``; ``file_corpus(pair_cfg, splits)`` opens
+    one direction's files (found, or downloaded for Multi30k), as for one direction."""
+    corpora = {(src, tgt): file_corpus(replace(cfg, src_lang=src, tgt_lang=tgt, pairs=[]),
+                                       splits)
+               for src, tgt in parse_pairs(cfg.pairs)}
     corpus = MultilingualCorpus(corpora)
     corpus.check(splits)
     return corpus
