@@ -233,6 +233,10 @@ class EvalConfig:
     prefix_file: str | None = None  # mode=files: one prefix a line of src_file
     no_repeat_ngram_size: int = 0  # >0: no n-gram of this size twice in a translation
     batch_tokens: int = 8192
+    # mode=generate: torch (our searches, every option) | ctranslate2 (the model exported to
+    # CTranslate2 on the fly: beam or greedy, faster on the CPU; README "Generation")
+    backend: str = "torch"
+    compute_type: str = "default"  # backend=ctranslate2: CTranslate2's (int8, float32, ...)
     device: str = "auto"
     precision: str = "auto"  # autocast while translating; auto: bf16 on a GPU, fp32 on the CPU
     # A multilingual model (data.pairs): the target language; its tag (<2de>) is put before

@@ -48,7 +48,7 @@ import base64
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -382,12 +382,18 @@ def max_decoding_lengths(src_lengths: Sequence[int], max_len_a: float, max_len_b
 def translate_ctranslate2(translator, tokens: Sequence[Sequence[str]], tgt_vocab: Sequence[str],
                           beam: int = 5, lenpen: float = 0.6, max_len_a: float = 1.2,
                           max_len_b: int = 10, min_len: int = 1, max_len: int = 1024,
-                          max_batch_size: int = 64, **options: Any) -> list[list[int]]:
+                          max_batch_size: int = 64,
+                          on_batch: Callable[[int], None] | None = None,
+                          **options: Any) -> list[list[int]]:
     """Target ids (without BOS and EOS) for source ``tokens`` (strings, without EOS),
     decoded as ``beam_search(..., early_stopping=True)`` (greedy at beam 1) decodes: the
-    same length penalty (EOS counted), minimum and per-sentence maximum length.
+    same length penalty (EOS counted), minimum and per-sentence maximum length. One
+    difference: a hypothesis that reaches the maximum ends there with EOS in ours (its
+    log-probability counted) and one token longer without EOS in CTranslate2, so where the
+    search runs into the limit (a model that repeats itself) the outputs may part.
     ``tgt_vocab``: the target token of each id. Sentences of one maximum length go to
-    CTranslate2 together (it takes one a batch); ``options`` go to ``translate_batch``."""
+    CTranslate2 together (it takes one a batch); ``options`` go to ``translate_batch``.
+    ``on_batch(n)``: called after each such group of n sentences (a progress bar)."""
     ids = {token: i for i, token in enumerate(tgt_vocab)}
     lengths = max_decoding_lengths([len(t) + 1 for t in tokens], max_len_a, max_len_b,
                                    max_len)
@@ -403,4 +409,6 @@ def translate_ctranslate2(translator, tokens: Sequence[Sequence[str]], tgt_vocab
             max_batch_size=max_batch_size, **options)
         for i, result in zip(indices, results, strict=True):
             outputs[i] = [ids[token] for token in result.hypotheses[0]]
+        if on_batch is not None:
+            on_batch(len(indices))
     return outputs

@@ -22,7 +22,7 @@ from transformer.checkpoint import (
     load_checkpoint,
     read_checkpoint,
 )
-from transformer.config import DataConfig, EvalConfig
+from transformer.config import ConfigError, DataConfig, EvalConfig
 from transformer.data import DataError, open_corpus, read_lines, read_parallel_lines
 from transformer.data.multilingual import (
     directions_name,
@@ -65,6 +65,9 @@ def score(hypotheses: list[str], references: list[str]) -> dict[str, float | str
 def evaluate(cfg: EvalConfig | DictConfig, stdin: IO = sys.stdin,
              stdout: TextIO = sys.stdout) -> dict[str, dict]:
     """Load the checkpoint, then translate and score as ``cfg.mode`` says."""
+    if cfg.backend != "torch" and cfg.mode != "generate":
+        raise ConfigError(f"backend={cfg.backend} needs mode=generate (mode={cfg.mode} "
+                          "decodes with backend=torch)")
     if cfg.mode == "generate":  # a file of any size, streamed: transformer/generate.py
         from transformer.generate import generate
 
@@ -132,15 +135,7 @@ def load_models(checkpoints: list[str], average_last: int, device: torch.device,
     outside ``transformer`` whose classes the checkpoints' model parts may be."""
     models = []
     for checkpoint in checkpoints:
-        if average_last > 1:
-            paths = last_checkpoints(Path(checkpoint), average_last)
-            state = average_checkpoints(paths)
-            name = f"the average of the newest {len(paths)} checkpoints of {checkpoint}"
-            log.info("averaged %d checkpoints on %s: %s", len(paths), device,
-                     ", ".join(str(p) for p in paths))
-        else:
-            state, name = read_checkpoint(checkpoint), checkpoint
-            log.info("loaded %s on %s", checkpoint, device)
+        state, name = read_state(checkpoint, average_last)
         model, member_tokenizer, member_cfg = load_checkpoint(state, device, name,
                                                               trust_modules)
         if not models:  # the first: the others must match it
@@ -158,6 +153,18 @@ def load_models(checkpoints: list[str], average_last: int, device: torch.device,
         models.append(model)
         del state  # its weights are in the model now
     return (models[0] if len(models) == 1 else Ensemble(models)), tokenizer, train_cfg
+
+
+def read_state(checkpoint: str, average_last: int) -> tuple[dict[str, Any], str]:
+    """-> the state of ``checkpoint`` (a file), or with ``average_last`` > 1 the average of
+    the newest checkpoints of a run directory, and a name for messages."""
+    if average_last > 1:
+        paths = last_checkpoints(Path(checkpoint), average_last)
+        log.info("averaging %d checkpoints: %s", len(paths), ", ".join(str(p) for p in paths))
+        name = f"the average of the newest {len(paths)} checkpoints of {checkpoint}"
+        return average_checkpoints(paths), name
+    log.info("loading %s", checkpoint)
+    return read_checkpoint(checkpoint), checkpoint
 
 
 def default_output_dir(checkpoint: str, ensemble: bool = False) -> Path:

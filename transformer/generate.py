@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -75,23 +76,33 @@ class Committed:
 def generate(cfg: EvalConfig | DictConfig) -> int:
     """Translate ``cfg.src_file`` into ``cfg.output_file`` (see the module docstring);
     -> the number of lines translated in all."""
-    from transformer.data.multilingual import tag_sources, target_tag
-    from transformer.evaluation import load_models
     from transformer.precision import Precision, resolve_device
-    from transformer.search_options import (
-        check_search_options,
-        json_lines,
-        search_kwargs,
-        wants_json,
-    )
-    from transformer.translation import translate_nbest
+    from transformer.search_options import check_search_options
 
     check_search_options(cfg)
+    check_backend(cfg)
     src_path, out_path = checked_paths(cfg)
     device = resolve_device(cfg.device)
     precision = Precision.resolve(cfg.precision, device, training=False).name
     fingerprint = make_fingerprint(cfg, precision)
     committed = resume_point(out_path, fingerprint, cfg.overwrite)  # before the slow load
+    if cfg.backend == "ctranslate2":
+        translate_chunk = ctranslate2_translator(cfg, device)
+    else:
+        translate_chunk = torch_translator(cfg, device, precision)
+    total = stream_translations(src_path, out_path, translate_chunk, cfg.chunk_lines, committed)
+    print(f"{src_path.name}: {total} translations -> {out_path}")
+    return total
+
+
+def torch_translator(cfg: EvalConfig | DictConfig, device: torch.device, precision: str
+                     ) -> ChunkTranslator:
+    """``backend=torch``: our searches (``translation.translate_nbest``) with every option."""
+    from transformer.data.multilingual import tag_sources, target_tag
+    from transformer.evaluation import load_models
+    from transformer.search_options import json_lines, search_kwargs, wants_json
+    from transformer.translation import translate_nbest
+
     model, tokenizer, train_cfg = load_models([cfg.checkpoint, *cfg.ensemble],
                                               cfg.average_last, device, cfg.trust_modules)
     tag = target_tag(train_cfg.data, cfg.tgt_lang)  # a multilingual model's <2de>
@@ -113,9 +124,78 @@ def generate(cfg: EvalConfig | DictConfig) -> int:
                 hypotheses, tokenizer, cfg.token_scores, first_id=first_line - 1))
         return "".join((n_best[0].text or "") + "\n" for n_best in hypotheses)
 
-    total = stream_translations(src_path, out_path, translate_chunk, cfg.chunk_lines, committed)
-    print(f"{src_path.name}: {total} translations -> {out_path}")
-    return total
+    return translate_chunk
+
+
+# What backend=ctranslate2 leaves to backend=torch: key -> its default.
+TORCH_ONLY = {"ensemble": [], "search": "beam", "nbest": 1, "token_scores": False,
+              "prefix": None, "no_repeat_ngram_size": 0}
+
+
+def check_backend(cfg: EvalConfig | DictConfig) -> None:
+    if cfg.backend not in ("torch", "ctranslate2"):
+        raise ConfigError(f"backend={cfg.backend!r} is not one of ['torch', 'ctranslate2']")
+    if cfg.backend == "torch":
+        if cfg.compute_type != "default":
+            raise ConfigError(f"compute_type={cfg.compute_type} needs backend=ctranslate2")
+        return
+    for key, default in TORCH_ONLY.items():
+        value = getattr(cfg, key)
+        if value != default and not (key == "search" and value == "greedy"):
+            raise ConfigError(f"{key}={value} needs backend=torch (backend=ctranslate2 "
+                              "decodes one model, or an average_last, with beam or greedy "
+                              "search)")
+
+
+def ctranslate2_translator(cfg: EvalConfig | DictConfig, device: torch.device
+                           ) -> ChunkTranslator:
+    """``backend=ctranslate2``: the model (a checkpoint, or an ``average_last``) exported to
+    CTranslate2 (transformer/ctranslate2_export.py) in a temporary folder, loaded with
+    ``compute_type`` (default: the weights' float32; int8 quantizes them) and as many
+    threads as torch has, and decoded by its beam search: fairseq's early stopping (a
+    sentence ends once it has ``beam`` finished hypotheses), the same length penalty and
+    limits as ours."""
+    import tempfile
+
+    from transformer.checkpoint import load_checkpoint
+    from transformer.ctranslate2_export import (
+        export_ctranslate2,
+        import_ctranslate2,
+        translate_ctranslate2,
+        vocabularies,
+    )
+    from transformer.data.multilingual import tag_sources, target_tag
+    from transformer.evaluation import read_state
+
+    ctranslate2 = import_ctranslate2()
+    state, name = read_state(cfg.checkpoint, cfg.average_last)
+    model, tokenizer, train_cfg = load_checkpoint(state, "cpu", name, cfg.trust_modules)
+    src_vocab, tgt_vocab = vocabularies(state["tokenizer"])
+    with tempfile.TemporaryDirectory(prefix="ct2-generate-") as folder:
+        export_ctranslate2(state, Path(folder) / "model", trust_modules=cfg.trust_modules,
+                           name=name)
+        # The Translator holds the weights in memory: the folder may go.
+        translator = ctranslate2.Translator(str(Path(folder) / "model"), device=device.type,
+                                            compute_type=cfg.compute_type,
+                                            intra_threads=torch.get_num_threads())
+    tag = target_tag(train_cfg.data, cfg.tgt_lang)
+    beam = 1 if cfg.search == "greedy" else cfg.beam
+    max_len = model.max_len
+    del state, model
+
+    def translate_chunk(lines: list[str], first_line: int, on_batch: Callable[[int], None]
+                        ) -> str:
+        if tag is not None:
+            lines = tag_sources(lines, tag)
+        tokens = [[src_vocab[i] for i in ids] for ids in tokenizer.encode_batch(lines)]
+        ids = translate_ctranslate2(translator, tokens, tgt_vocab, beam=beam,
+                                    lenpen=cfg.lenpen, max_len_a=cfg.max_len_a,
+                                    max_len_b=cfg.max_len_b, min_len=cfg.min_len,
+                                    max_len=max_len, max_batch_size=cfg.batch_tokens,
+                                    batch_type="tokens", on_batch=on_batch)
+        return "".join(text + "\n" for text in tokenizer.decode_batch(ids))
+
+    return translate_chunk
 
 
 def checked_paths(cfg: EvalConfig | DictConfig) -> tuple[Path, Path]:
