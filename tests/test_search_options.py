@@ -184,6 +184,31 @@ def test_nbest_through_search_ids_and_bad_nbest():
         search_ids(model, src_ids, beam=3, n_best=2, sampler=Sampler())
 
 
+
+def test_early_stopping_key_reaches_the_beam_search_and_the_file_name():
+    """evaluate.py's early_stopping=true is beam_search(early_stopping=True), through
+    search_ids (on test_decoding's model where the two rules differ); it names the
+    translations file and is refused without beam search."""
+    from omegaconf import OmegaConf
+
+    from tests.test_decoding import confident_late_model
+    from transformer.config import EvalConfig
+    from transformer.search_options import check_search_options, search_kwargs, search_name
+
+    src_ids = [[3, 4, EOS]]
+    for early, expected in [(True, [3]), (False, [3] * 19)]:
+        cfg = OmegaConf.structured(EvalConfig(beam=2, lenpen=1.0, early_stopping=early))
+        kwargs = search_kwargs(cfg)
+        nbest, beam = kwargs.pop("nbest"), kwargs.pop("beam")
+        results = search_ids(confident_late_model(), src_ids, beam, cfg.lenpen, n_best=nbest,
+                             max_len_a=0.0, max_len_b=24, use_cache=False, **kwargs)
+        assert results[0][0].tokens == expected
+        assert search_name(cfg) == ["beam2", "lenpen1", *(["early"] if early else [])]
+    with pytest.raises(ConfigError, match="early_stopping=true needs search=beam"):
+        check_search_options(OmegaConf.structured(EvalConfig(search="greedy",
+                                                             early_stopping=True)))
+
+
 # Forced target prefixes
 
 def reference_greedy_with_prefix(model, src, prefix, max_len) -> list[int]:

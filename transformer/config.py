@@ -232,6 +232,9 @@ class EvalConfig:
     prefix: str | None = None  # every translation starts with this text (e.g. a language tag)
     prefix_file: str | None = None  # mode=files: one prefix a line of src_file
     no_repeat_ngram_size: int = 0  # >0: no n-gram of this size twice in a translation
+    # search=beam: stop a sentence once beam hypotheses ended (fairseq's rule; what
+    # backend=ctranslate2 always does) instead of once none can win (exact, the default)
+    early_stopping: bool = False
     batch_tokens: int = 8192
     # mode=generate: torch (our searches, every option) | ctranslate2 (the model exported to
     # CTranslate2 on the fly: beam or greedy, faster on the CPU; README "Generation")

@@ -46,6 +46,8 @@ def check_search_options(cfg: EvalConfig | DictConfig) -> None:
         raise ConfigError(f"nbest={cfg.nbest} must be at most beam={cfg.beam}")
     if cfg.no_repeat_ngram_size < 0:
         raise ConfigError(f"no_repeat_ngram_size={cfg.no_repeat_ngram_size} must be >= 0")
+    if cfg.early_stopping and cfg.search != "beam":
+        raise ConfigError(f"early_stopping=true needs search=beam (search={cfg.search})")
     if cfg.prefix is not None and cfg.prefix_file is not None:
         raise ConfigError("prefix and prefix_file: give one (a text for every line, or a "
                           "file of one prefix a line)")
@@ -60,6 +62,8 @@ def search_kwargs(cfg: EvalConfig | DictConfig) -> dict[str, Any]:
                               else cfg.beam, "no_repeat_ngram_size": cfg.no_repeat_ngram_size}
     if cfg.search == "sample":
         kwargs["sampler"] = Sampler(cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
+    if cfg.early_stopping and kwargs["beam"] > 1:  # beam 1 is greedy: nothing to stop
+        kwargs["early_stopping"] = True
     return kwargs
 
 
@@ -75,11 +79,13 @@ def read_prefixes(cfg: EvalConfig | DictConfig, n_lines: int) -> str | list[str]
 
 
 def search_name(cfg: EvalConfig | DictConfig) -> list[str]:
-    """The parts of the translations' file name the search sets: ``beam5.lenpen0.6``,
-    ``greedy``, ``sample.temp0.8.topp0.9.seed1``, then ``norepeat3`` and ``prefix`` + 8 hex
-    digits of the prefix (text or file) where given."""
+    """The parts of the translations' file name the search sets: ``beam5.lenpen0.6``
+    (``.early`` with early_stopping), ``greedy``, ``sample.temp0.8.topp0.9.seed1``, then
+    ``norepeat3`` and ``prefix`` + 8 hex digits of the prefix (text or file) where given."""
     if cfg.search == "beam":
         parts = [f"beam{cfg.beam}", f"lenpen{cfg.lenpen:g}"]
+        if cfg.early_stopping:
+            parts.append("early")
     elif cfg.search == "greedy":
         parts = ["greedy"]
     else:
