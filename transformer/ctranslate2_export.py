@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import nn
 
 from transformer.alibi import ALiBiPositions
@@ -314,7 +315,7 @@ def export_ctranslate2(checkpoint: str | Path | dict[str, Any], out_dir: str | P
     with our tokenizer. ``quantization``: CTranslate2's weight type (int8, int8_float16,
     float16, ...; None keeps float32). The files go to a hidden folder beside ``out_dir``,
     renamed to it once all are written."""
-    ctranslate2 = import_ctranslate2()
+    import_ctranslate2()  # missing: one line before the slow load
     out_dir = Path(out_dir)
     if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
         raise CheckpointError(f"{out_dir} exists and is not an empty folder: choose another "
@@ -323,6 +324,14 @@ def export_ctranslate2(checkpoint: str | Path | dict[str, Any], out_dir: str | P
     state = checkpoint if in_memory else read_checkpoint(checkpoint)
     model, _, cfg = load_checkpoint(state, name=name if in_memory else str(checkpoint),
                                     trust_modules=trust_modules)
+    return write_ctranslate2(state, model, cfg, out_dir, quantization)
+
+
+def write_ctranslate2(state: dict[str, Any], model: Transformer, cfg: DictConfig,
+                      out_dir: Path, quantization: str | None = None) -> Path:
+    """``export_ctranslate2`` of a checkpoint ``state`` already loaded by ``load_checkpoint``
+    as ``model`` and its training config ``cfg`` (``out_dir`` checked by the caller)."""
+    ctranslate2 = import_ctranslate2()
     src_vocab, tgt_vocab = vocabularies(state["tokenizer"])
     search = EvalConfig()  # evaluate.py's length limits
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")

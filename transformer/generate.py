@@ -159,25 +159,24 @@ def ctranslate2_translator(cfg: EvalConfig | DictConfig, device: torch.device
 
     from transformer.checkpoint import load_checkpoint
     from transformer.ctranslate2_export import (
-        export_ctranslate2,
         import_ctranslate2,
+        load_ctranslate2,
         translate_ctranslate2,
         vocabularies,
+        write_ctranslate2,
     )
     from transformer.data.multilingual import tag_sources, target_tag
     from transformer.evaluation import read_state
 
-    ctranslate2 = import_ctranslate2()
+    import_ctranslate2()  # missing: one line before the slow load
     state, name = read_state(cfg.checkpoint, cfg.average_last)
     model, tokenizer, train_cfg = load_checkpoint(state, "cpu", name, cfg.trust_modules)
     src_vocab, tgt_vocab = vocabularies(state["tokenizer"])
     with tempfile.TemporaryDirectory(prefix="ct2-generate-") as folder:
-        export_ctranslate2(state, Path(folder) / "model", trust_modules=cfg.trust_modules,
-                           name=name)
         # The Translator holds the weights in memory: the folder may go.
-        translator = ctranslate2.Translator(str(Path(folder) / "model"), device=device.type,
-                                            compute_type=cfg.compute_type,
-                                            intra_threads=torch.get_num_threads())
+        translator, _, _ = load_ctranslate2(
+            write_ctranslate2(state, model, train_cfg, Path(folder) / "model"), device.type,
+            cfg.compute_type, threads=torch.get_num_threads())
     tag = target_tag(train_cfg.data, cfg.tgt_lang)
     beam = 1 if cfg.search == "greedy" else cfg.beam
     max_len = model.max_len
