@@ -210,6 +210,7 @@ def assert_same_search(src_ids: list[list[int]], ours: list[list[int]],
                  if a != b]
     assert len(differing) <= len(ours) // 10, f"sentences differ: {differing}"
 
+
 @pytest.mark.parametrize("beam", [1, 5])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_beam_search_translations_match(variant, beam, trained_states, tmp_path):
@@ -480,8 +481,8 @@ def test_generate_with_ctranslate2_translates_as_ours(generate_inputs, tmp_path)
 
 
 def assert_same_lines(path: Path, expected: list[str]) -> None:
-    """``path`` holds the ``expected`` lines in order, but where a hypothesis reaches the
-    maximum length (at most one line in ten differs; assert_same_search)."""
+    """``path`` holds the ``expected`` lines in order, but for at most one line in ten
+    (assert_same_search says where such lines come from)."""
     written = path.read_text().split("\n")[:-1]
     assert len(written) == len(expected)
     assert sum(a != b for a, b in zip(written, expected, strict=True)) <= len(expected) // 10

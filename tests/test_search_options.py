@@ -184,7 +184,6 @@ def test_nbest_through_search_ids_and_bad_nbest():
         search_ids(model, src_ids, beam=3, n_best=2, sampler=Sampler())
 
 
-
 def test_early_stopping_key_reaches_the_beam_search_and_the_file_name():
     """evaluate.py's early_stopping=true is beam_search(early_stopping=True), through
     search_ids (on test_decoding's model where the two rules differ); it names the
